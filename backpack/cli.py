@@ -1,0 +1,186 @@
+"""The `backpack` command.
+
+    backpack generate CONFIG [key=value ...]     answer a prompt collection into a versioned dataset
+    backpack validate CONFIG [key=value ...]     check a config and print it resolved
+    backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset
+    backpack data export PATH --format jsonl     write a dataset as JSON lines
+
+Bad input exits with status 2 and one message; nothing is printed as a traceback unless BACKPACK_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Optional
+
+from backpack.errors import BackpackError
+
+
+def _print_err(msg: str) -> None:
+    print(f"backpack: error: {msg}", file=sys.stderr)
+
+
+class _BarReporter:
+    """Draws the generation progress bar (prompts done / failed, tokens/s) on stderr."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.bar = None
+
+    def stage(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[backpack] {text}", file=sys.stderr, flush=True)
+
+    def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None:
+        if self.quiet or not total:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="answer", dynamic_ncols=True, file=sys.stderr)
+        self.bar.n = done + failed
+        self.bar.set_postfix(failed=failed, tok_s=f"{tokens / seconds if seconds else 0:.1f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_validate(args) -> int:
+    from backpack.core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(cfg.model_dump(), indent=2))
+    print(f"{args.config}: valid", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from backpack.core.config import load_config
+    from backpack.pipeline import generate
+
+    cfg = load_config(args.config, args.overrides)  # validated once, before anything starts
+    rep = _BarReporter(args.quiet)
+    try:
+        res = generate(cfg, rep)
+    finally:
+        rep.close()
+    print(f"dataset {res.dataset} is at version {res.version}: {res.ok_rows} answer(s) stored, "
+          f"{res.failed_rows} failed, {res.skipped} prompt(s) already answered earlier, "
+          f"{res.tokens} tokens in {res.seconds:.1f} s ({res.tokens_per_s:.1f} tok/s)")
+    if res.dead_replicas:
+        print(f"replicas lost during the run (their work was re-routed): {', '.join(res.dead_replicas)}")
+    if res.failed_rows:
+        print(f"see the failures with: backpack data show {res.dataset} --failed")
+    return 0
+
+
+def cmd_data_show(args) -> int:
+    from backpack.data.store import DatasetStore
+
+    store = DatasetStore(args.path, create=False)
+    m = store.manifest()
+    s = m.summary()
+    print(f"dataset {args.path}")
+    print(f"  version {s['version']}, {s['shards']} shard(s), {s['rows']} row(s): {s['ok']} ok, {s['failed']} failed")
+    for teacher, n in sorted(s["teachers"].items()):
+        print(f"  teacher {teacher}: {n} row(s)")
+    for e in m.shards[-5:]:
+        print(f"  v{e.version}: {e.path} ({e.rows} rows, {e.failed} failed, {e.created_at})")
+    table = store.read(version=args.version)
+    if args.failed:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.not_equal(table.column("status"), "ok"))
+    for row in table.slice(0, args.rows).to_pylist():
+        prompt = row["messages"][-1]["content"] if row["messages"] else ""
+        print(f"\n[{row['query_id']}] task={row['task']} teacher={row['teacher']} status={row['status']}"
+              f" finish={row['finish_reason']} tokens={row['completion_tokens']}")
+        print(f"  prompt: {_short(prompt)}")
+        print(f"  {'error' if row['error'] else 'answer'}: {_short(row['error'] or row['text'])}")
+    return 0
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def cmd_data_export(args) -> int:
+    from backpack.data.store import DatasetStore
+
+    store = DatasetStore(args.path, create=False)
+    table = store.read(version=args.version)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for row in table.to_pylist():
+            row["created_at"] = row["created_at"].isoformat() if row["created_at"] else None
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"wrote {table.num_rows} row(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backpack", description="Distil small student models from teacher models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt collection with the run's teachers into a dataset")
+    g.add_argument("config", help="run config (YAML)")
+    g.add_argument("overrides", nargs="*", help="field overrides, e.g. teachers.0.replicas=2")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
+    v.add_argument("config")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("data", help="inspect and export datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    show = dsub.add_parser("show", help="manifest summary and a few rows")
+    show.add_argument("path", help="dataset folder, e.g. runs/quickstart/dataset")
+    show.add_argument("--rows", type=int, default=3)
+    show.add_argument("--version", type=int, default=None)
+    show.add_argument("--failed", action="store_true", help="show only failed rows")
+    show.set_defaults(func=cmd_data_show)
+    exp = dsub.add_parser("export", help="write the dataset as JSON lines")
+    exp.add_argument("path")
+    exp.add_argument("--format", choices=["jsonl"], default="jsonl")
+    exp.add_argument("--out", default=None, help="output file (default: stdout)")
+    exp.add_argument("--version", type=int, default=None)
+    exp.set_defaults(func=cmd_data_export)
+    return p
+
+
+def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis, actors) runs
+    raise KeyboardInterrupt
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return args.func(args)
+    except BackpackError as e:
+        if os.environ.get("BACKPACK_DEBUG"):
+            raise
+        _print_err(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        _print_err("interrupted; rerun the same command to resume")
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

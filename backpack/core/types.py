@@ -1,0 +1,89 @@
+"""The vocabulary types: decoding parameters, Query and Completion.
+
+These are in-process value types. Between actors they travel as Arrow tables (see `schema.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+OK = "ok"
+FAILED = "failed"
+
+# finish reasons
+STOP = "stop"      # the model produced its end-of-turn token
+LENGTH = "length"  # max_new_tokens was reached
+ERROR = "error"    # no text: the query failed (see Completion.error)
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    """How a teacher decodes one Query. `temperature == 0` means greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0               # 0 = no top-k filtering
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    n: int = 1                   # number of samples per Query
+    seed: Optional[int] = None   # fixes sampling for reproducible answers
+    logprobs: int = 0            # store the top-k logprobs of each generated token (0 = off)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def key(self) -> str:
+        """A stable string for grouping Queries that can share one generate call."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class Query:
+    """One prompt: chat messages, a task name, decoding parameters and a stable id."""
+
+    messages: list[dict]
+    decoding: DecodingParams = field(default_factory=DecodingParams)
+    task: str = "default"
+    id: str = ""
+    teacher: Optional[str] = None  # route only to this teacher (None = any)
+
+    def __post_init__(self):
+        if not self.id:
+            self.id = query_id(self.messages, self.task, self.decoding, self.teacher)
+
+
+def query_id(messages: list[dict], task: str, decoding: DecodingParams, teacher: Optional[str] = None) -> str:
+    """A content hash, so the same prompt with the same decoding gets the same id across runs (resume)."""
+    payload = json.dumps([messages, task, asdict(decoding), teacher], sort_keys=True, ensure_ascii=False)
+    return "q" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass
+class Completion:
+    """A teacher's answer to a Query (one per sample), or a record that the Query failed."""
+
+    query_id: str
+    teacher: str
+    status: str = OK
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = STOP
+    error: Optional[str] = None
+    sample_index: int = 0
+    replica: str = ""
+    model_fingerprint: str = ""
+    prompt_tokens: int = 0
+    latency_s: float = 0.0
+    # per generated token: logprob of the chosen token, and the top-k ids / logprobs (empty when not asked)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    @classmethod
+    def failed(cls, query_id: str, teacher: str, error: str, replica: str = "") -> "Completion":
+        return cls(query_id=query_id, teacher=teacher, status=FAILED, finish_reason=ERROR, error=error,
+                   replica=replica)

@@ -1,0 +1,151 @@
+"""DatasetStore: append-only, versioned Arrow datasets as Parquet shards plus a JSON manifest.
+
+Layout under the dataset root (a local path or any `pyarrow.fs` URI):
+
+    manifest.json                      versions, shard paths, row counts, per-teacher counts
+    shards/part-000001-<uid>.parquet   one shard per version, schema `DATASET_SCHEMA`
+
+A write goes shard first (to a temporary name, then renamed), manifest last (temporary name, then renamed), so
+a crash at any point leaves the previous manifest intact and never points at a half-written shard. One writer
+per dataset at a time (the run's scheduler); any number of readers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from backpack.core.manifest import Manifest, ShardEntry
+from backpack.core.schema import DATASET_SCHEMA, check_dataset_table
+from backpack.core.types import OK
+from backpack.errors import DatasetError
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+
+
+def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        fs, path = pafs.FileSystem.from_uri(root)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+
+
+class DatasetStore:
+    """A versioned dataset of teacher Completions. Version N is the first N shards."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = True):
+        self.uri = str(root)
+        self.fs, self.root = _resolve(self.uri)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        info = self.fs.get_file_info(self._p(MANIFEST))
+        if info.type == pafs.FileType.NotFound:
+            if not create:
+                raise DatasetError(f"no dataset at {self.uri!r} (no {MANIFEST} there)")
+            self.fs.create_dir(self._p(SHARDS), recursive=True)
+            self._write_manifest(Manifest())
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # ------------------------------------------------------------ manifest
+
+    def manifest(self) -> Manifest:
+        try:
+            with self.fs.open_input_stream(self._p(MANIFEST)) as f:
+                return Manifest.from_json(f.read().decode("utf-8"))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"corrupt manifest at {self._p(MANIFEST)!r}: {e}") from None
+
+    @property
+    def version(self) -> int:
+        return self.manifest().version
+
+    def _write_durably(self, rel: str, data: bytes) -> None:
+        """Write `data` to a temporary file, flush it to disk, then rename it to `rel` (atomic locally)."""
+        tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self._fsync(tmp)
+        self.fs.move(tmp, self._p(rel))
+
+    def _fsync(self, path: str) -> None:
+        if self._local:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        self._write_durably(MANIFEST, manifest.to_json().encode("utf-8"))
+
+    # ------------------------------------------------------------ writing
+
+    def append(self, table: pa.Table) -> Optional[ShardEntry]:
+        """Append `table` (DATASET_SCHEMA) as one new shard and version. Returns its entry (None if empty)."""
+        table = check_dataset_table(table)
+        if table.num_rows == 0:
+            return None
+        manifest = self.manifest()
+        version = manifest.version + 1
+        rel = f"{SHARDS}/part-{version:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self._write_durably(rel, sink.getvalue().to_pybytes())
+        status = table.column("status").to_pylist()
+        teachers = Counter(table.column("teacher").to_pylist())
+        entry = manifest.add(rel, rows=table.num_rows, ok=status.count(OK), failed=len(status) - status.count(OK),
+                             teachers=dict(teachers))
+        self._write_manifest(manifest)
+        return entry
+
+    # ------------------------------------------------------------ reading
+
+    def shard_paths(self, entries: list[ShardEntry]) -> list[str]:
+        return [self._p(e.path) for e in entries]
+
+    def _read(self, entries: list[ShardEntry], columns: Optional[list[str]] = None) -> pa.Table:
+        schema = DATASET_SCHEMA if columns is None else pa.schema([DATASET_SCHEMA.field(c) for c in columns])
+        if not entries:
+            return schema.empty_table()
+        tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in self.shard_paths(entries)]
+        return pa.concat_tables(tables).cast(schema)
+
+    def read(self, version: Optional[int] = None, columns: Optional[list[str]] = None) -> pa.Table:
+        """The dataset at `version` (None = latest) as one Arrow table."""
+        try:
+            entries = self.manifest().upto(version)
+        except ValueError as e:
+            raise DatasetError(f"{self.uri}: {e}") from None
+        return self._read(entries, columns)
+
+    def shards_since(self, version: int) -> list[ShardEntry]:
+        """Shard entries added after `version`."""
+        return self.manifest().since(version)
+
+    def read_since(self, version: int, columns: Optional[list[str]] = None) -> pa.Table:
+        """Rows added after `version`, as one table."""
+        return self._read(self.shards_since(version), columns)
+
+    def answered_ids(self) -> set[str]:
+        """Query ids that already have a successful Completion (a rerun skips them)."""
+        t = self.read(columns=["query_id", "status"])
+        return set(pc.filter(t.column("query_id"), pc.equal(t.column("status"), OK)).to_pylist())
+
+    def to_ray_dataset(self, version: Optional[int] = None, since: Optional[int] = None):
+        """The dataset (at `version`, or only the shards added after `since`) as a Ray Dataset."""
+        import ray.data
+
+        m = self.manifest()
+        entries = m.since(since) if since is not None else m.upto(version)
+        if not entries:
+            return ray.data.from_arrow(DATASET_SCHEMA.empty_table())
+        return ray.data.read_parquet(self.shard_paths(entries), filesystem=self.fs)

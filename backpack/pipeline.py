@@ -1,0 +1,151 @@
+"""Wires one Run together: prompts -> scheduler -> teacher pool -> DatasetStore, on Ray with Redis.
+
+`generate(cfg)` is what `backpack generate` and the Ray Job entry point call. The config is already validated;
+everything that can be checked without starting actors (prompt file, model files, placement) is checked before
+any actor starts, and everything started here (Ray, embedded Redis, actors) is stopped on the way out, on error
+and on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from backpack.core.config import RunConfig
+from backpack.core.prompts import read_prompts
+from backpack.core.schema import completions_to_table, queries_to_table
+from backpack.core.types import Completion
+from backpack.data.store import DatasetStore
+from backpack.runtime import ray_runtime
+from backpack.runtime.progress import RedisProgress
+from backpack.runtime.redis_server import EmbeddedRedis, connect
+
+
+@dataclass
+class GenerateResult:
+    dataset: str
+    version: int
+    queries: int          # Queries sent to teachers in this run
+    skipped: int          # already answered in an earlier run of the same config (resume)
+    rejected: int         # bad prompt records, stored as failed rows
+    ok_rows: int
+    failed_rows: int
+    tokens: int
+    seconds: float
+    dead_replicas: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class Reporter:
+    """Progress callbacks; the CLI passes one that draws bars, library users get silence."""
+
+    def stage(self, text: str) -> None: ...
+
+    def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None: ...
+
+
+@contextlib.contextmanager
+def redis_for(cfg: RunConfig):
+    """The run's Redis URL: an embedded server started for the run, or the configured one (checked)."""
+    if cfg.redis.url is None:
+        with EmbeddedRedis(cfg.run_dir / "redis") as server:
+            yield server.url
+    else:
+        connect(cfg.redis.url, cfg.redis.password_env).close()
+        yield cfg.redis.url
+
+
+def prepare_models(cfg: RunConfig) -> None:
+    """On a local cluster, resolve (and for GGUF, convert once) each teacher's model in this process, so a
+    missing or broken model is one clear error before any actor starts, and replicas all load the cache."""
+    from backpack.teachers.loader import resolve_model
+
+    for t in cfg.teachers:
+        if t.backend == "hf":
+            resolve_model(t.model)
+
+
+def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
+             on_started: Optional[Callable[[list], None]] = None) -> GenerateResult:
+    """Answer the run's prompt collection with its teachers into `cfg.dataset_dir`. Re-running the same
+    config resumes: Queries already answered are skipped."""
+    import ray
+
+    from backpack.actors import spawn_scheduler
+    from backpack.pool import TeacherPool
+
+    rep = reporter or Reporter()
+    t0 = time.perf_counter()
+    queries, rejected = read_prompts(cfg.prompts.path, cfg.decoding.params(), cfg.prompts.default_task,
+                                     cfg.prompts.limit, cfg.prompts.max_chars)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    store = DatasetStore(str(cfg.dataset_dir))
+    seen = set(store.read(columns=["query_id"]).column("query_id").to_pylist())
+    answered = store.answered_ids()
+    todo = [q for q in queries if q.id not in answered]
+    new_rejected = [r for r in rejected if r.query.id not in seen]
+    result = GenerateResult(dataset=str(cfg.dataset_dir), version=store.version, queries=len(todo),
+                            skipped=len(queries) - len(todo), rejected=len(new_rejected), ok_rows=0,
+                            failed_rows=0, tokens=0, seconds=0.0)
+    if new_rejected:
+        store.append(completions_to_table([r.query for r in new_rejected],
+                                          [Completion.failed(r.query.id, "(none)", r.reason) for r in new_rejected]))
+        result.failed_rows += len(new_rejected)
+    if not todo:
+        result.version = store.version
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    pool = TeacherPool(cfg.teachers)
+    started_ray = False
+    with redis_for(cfg) as redis_url:
+        try:
+            rep.stage("starting Ray" if cfg.ray.address is None else f"connecting to Ray at {cfg.ray.address}")
+            started_ray = ray_runtime.connect(cfg.ray)
+            ray_runtime.check_placement(pool.demands())
+            if cfg.ray.address is None:
+                rep.stage("preparing teacher models (a GGUF is converted once, then cached)")
+                prepare_models(cfg)
+            n = sum(t.replicas for t in cfg.teachers)
+            rep.stage(f"loading {n} teacher replica(s)")
+            pool.start(on_ready=lambda k, total: rep.stage(f"teacher replicas ready: {k}/{total}"))
+            if on_started:
+                on_started(pool.replicas)
+            progress = RedisProgress(redis_url, cfg.name)
+            progress.start(total=len(todo) * cfg.decoding.n)
+            scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,
+                                        max_retries=cfg.scheduler.max_retries, flush_rows=cfg.scheduler.flush_rows)
+            rep.stage(f"generating {len(todo)} prompt(s)")
+            summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
+            progress.finish()
+            ray.kill(scheduler)
+        finally:
+            pool.shutdown()
+            if started_ray:
+                ray.shutdown()
+    result.ok_rows += summary["ok_rows"]
+    result.failed_rows += summary["failed_rows"]
+    result.tokens = summary["tokens"]
+    result.dead_replicas = summary["dead_replicas"]
+    result.version = store.version
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _wait_with_progress(ref, progress: RedisProgress, rep: Reporter) -> dict:
+    import ray
+
+    start = time.perf_counter()
+    while True:
+        done, _ = ray.wait([ref], timeout=0.5)
+        p = progress.read()
+        rep.progress(int(p.get("done", 0)), int(p.get("failed", 0)), int(p.get("total", 0)),
+                     int(p.get("tokens", 0)), time.perf_counter() - start)
+        if done:
+            return ray.get(ref)
+

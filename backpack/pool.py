@@ -1,0 +1,98 @@
+"""TeacherPool: the teacher replicas of a run as Ray actors, and the handles the scheduler routes to."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import pyarrow as pa
+import ray
+
+from backpack.actors import spawn_teacher, teacher_options
+from backpack.core.config import TeacherConfig
+from backpack.core.resources import Demand
+from backpack.errors import BackpackError, TeacherError
+
+
+class RayReplica:
+    """A scheduler `ReplicaHandle` over one teacher actor. Picklable (it travels to the scheduler actor)."""
+
+    def __init__(self, actor, name: str, teacher: str, batch_size: int, max_in_flight: int):
+        self.actor = actor
+        self.name = name
+        self.teacher = teacher
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+
+    def submit(self, queries: pa.Table):
+        return self.actor.generate.remote(queries)  # an ObjectRef, awaitable inside the scheduler's event loop
+
+    def is_fatal(self, error: BaseException) -> bool:
+        return isinstance(error, ray.exceptions.RayActorError)
+
+
+def _cause(err: BaseException) -> str:
+    """The user-facing cause inside a Ray error (a teacher constructor's exception, typically)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return str(cause) if isinstance(cause, BackpackError) else f"{type(cause).__name__}: {cause}"
+    text = str(err)
+    for line in reversed(text.splitlines()):  # Ray folds the constructor's traceback into the message
+        line = line.strip()
+        if "Error:" in line and not line.startswith(("File ", "ray.")):
+            return line
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class TeacherPool:
+    """All replicas of all teachers of a run."""
+
+    def __init__(self, teachers: list[TeacherConfig]):
+        self.configs = teachers
+        self.replicas: list[RayReplica] = []
+        self.infos: list[dict] = []
+
+    def demands(self) -> list[Demand]:
+        out = []
+        for t in self.configs:
+            opts = teacher_options(t)
+            need = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"], **opts["resources"]}
+            out += [(f"teacher {t.name!r} replica {i}", {k: v for k, v in need.items() if v})
+                    for i in range(t.replicas)]
+        return out
+
+    def start(self, timeout: float = 900.0, on_ready: Optional[Callable[[int, int], None]] = None) -> list[dict]:
+        """Spawn every replica and wait until each has loaded its model. Raises TeacherError naming the first
+        replica that failed to start, with its cause."""
+        pending = {}
+        for t in self.configs:
+            for i in range(t.replicas):
+                name = f"{t.name}/{i}"
+                actor = spawn_teacher(t, name)
+                self.replicas.append(RayReplica(actor, name, t.name, t.batch_size, t.max_in_flight))
+                pending[actor.ready.remote()] = name
+        total, infos = len(pending), {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            if not done:
+                raise TeacherError(", ".join(pending.values()), f"did not load within {timeout:.0f} s")
+            ref = done[0]
+            name = pending.pop(ref)
+            try:
+                infos[name] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                self.shutdown()
+                raise TeacherError(name, f"could not start: {_cause(e)}") from None
+            if on_ready:
+                on_ready(total - len(pending), total)
+        self.infos = [infos[r.name] for r in self.replicas]
+        return self.infos
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            try:
+                ray.kill(r.actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.replicas = []

@@ -1,0 +1,1 @@
+"""Connecting to Ray (local or a cluster address) and to Redis (embedded or a URL)."""

@@ -1,0 +1,48 @@
+"""Connecting to Ray and checking that the cluster can place a run before anything is spawned."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from backpack.core.config import RayConfig
+from backpack.core.resources import Demand, placement_problems
+from backpack.errors import BackpackError, ResourceError
+
+DEFAULT_NAMESPACE = "backpack"
+
+
+def connect(cfg: RayConfig) -> bool:
+    """Start a local Ray cluster (no address) or connect to `cfg.address`. Returns True if this call started
+    or connected Ray (the caller then shuts it down), False if Ray was already initialised (e.g. by tests)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Ray prints banners and deduplicated worker logs; a CLI run wants only its own progress bar.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs = dict(namespace=cfg.namespace or DEFAULT_NAMESPACE, logging_level=logging.ERROR,
+                  log_to_driver=bool(os.environ.get("BACKPACK_ACTOR_LOGS")))
+    try:
+        if cfg.address is None:
+            ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, **kwargs)
+        else:
+            ray.init(address=cfg.address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = cfg.address or "a local cluster"
+        raise BackpackError(f"cannot start or connect to Ray at {where}: {e}") from None
+    return True
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each live node."""
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_placement(demands: list[Demand]) -> None:
+    """Raise ResourceError (required vs available) if the live cluster cannot place `demands`."""
+    problems = placement_problems(demands, cluster_nodes())
+    if problems:
+        raise ResourceError("the Ray cluster cannot place this run:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -1,0 +1,201 @@
+"""The query scheduler: routes batches of Queries to teacher replicas and streams answers to the store.
+
+A plain asyncio class. It sees replicas only through `ReplicaHandle` (a name, a teacher, limits, and an async
+`submit(table) -> table`), so tests drive it in-process with fakes and `actors.py` runs it as a Ray actor over
+teacher actors. Guarantees:
+
+- at most `max_in_flight` batches are queued at each replica;
+- a batch that fails is retried on another replica (up to `max_retries` times); a replica whose failure is
+  fatal (its actor died) gets no more work;
+- a Query that no replica could answer is written as a failed row with the last cause, never dropped;
+- answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Awaitable, Optional, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from backpack.core.routing import POLICIES, ReplicaView, can_ever_serve
+from backpack.core.schema import failed_table
+from backpack.core.types import OK
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaHandle(Protocol):
+    name: str
+    teacher: str
+    batch_size: int
+    max_in_flight: int
+
+    def submit(self, queries: pa.Table) -> Awaitable[pa.Table]: ...
+
+    def is_fatal(self, error: BaseException) -> bool:
+        """True if the replica cannot serve again after `error` (e.g. its actor died)."""
+        ...
+
+
+class Sink(Protocol):
+    def append(self, table: pa.Table): ...
+
+
+class Progress(Protocol):
+    def update(self, ok: int, failed: int, tokens: int) -> None: ...
+
+    def replica_state(self, replica: str, state: str) -> None: ...
+
+
+@dataclass
+class _Batch:
+    table: pa.Table
+    teacher: Optional[str]
+    attempts: int = 0
+    exclude: set = field(default_factory=set)
+    last_error: str = ""
+
+
+@dataclass
+class RunSummary:
+    queries: int = 0
+    ok_rows: int = 0
+    failed_rows: int = 0
+    tokens: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+    dead_replicas: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class Scheduler:
+    def __init__(self, replicas: list[ReplicaHandle], sink: Sink, progress: Optional[Progress] = None,
+                 policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64):
+        if not replicas:
+            raise ValueError("the scheduler needs at least one teacher replica")
+        self.replicas = replicas
+        self.views = [ReplicaView(r.name, r.teacher, max_in_flight=r.max_in_flight) for r in replicas]
+        self.policy = POLICIES[policy]
+        self.max_retries = max_retries
+        self.flush_rows = flush_rows
+        self.sink = sink
+        self.progress = progress
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._last = -1
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self, queries: pa.Table) -> dict:
+        """Answer every Query in `queries` (QUERY_SCHEMA); returns a summary dict once all are stored."""
+        t0 = time.perf_counter()
+        summary = RunSummary(queries=queries.num_rows)
+        pending = deque(self._batches(queries))
+        inflight: dict[asyncio.Task, tuple[int, _Batch]] = {}
+        while pending or inflight:
+            for _ in range(len(pending)):
+                batch = pending.popleft()
+                exclude = frozenset(batch.exclude)
+                idx = self.policy(self.views, self._last, batch.teacher, exclude)
+                if idx is None:
+                    if can_ever_serve(self.views, batch.teacher, exclude):
+                        pending.append(batch)  # wait for room
+                    elif batch.exclude and can_ever_serve(self.views, batch.teacher, frozenset()):
+                        batch.exclude.clear()  # only replicas that failed it are left: let them try again
+                        pending.append(batch)
+                    else:
+                        self._fail(batch, summary)
+                    continue
+                self._last = idx
+                self.views[idx].in_flight += 1
+                task = asyncio.ensure_future(self._call(self.replicas[idx], batch.table))
+                inflight[task] = (idx, batch)
+            if not inflight:
+                continue
+            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                idx, batch = inflight.pop(task)
+                view = self.views[idx]
+                view.in_flight -= 1
+                err = task.exception()
+                if err is None:
+                    view.served += 1
+                    self._emit(task.result(), summary)
+                    continue
+                cause = f"{type(err).__name__}: {err}".strip()[:2000]
+                log.warning("batch of %d failed on %s: %s", batch.table.num_rows, view.name, cause[:200])
+                if self.replicas[idx].is_fatal(err) and view.alive:
+                    view.alive = False
+                    summary.dead_replicas[view.name] = cause[:500]
+                    if self.progress:
+                        self.progress.replica_state(view.name, f"dead: {cause[:200]}")
+                batch.attempts += 1
+                batch.exclude.add(view.name)
+                batch.last_error = f"replica {view.name}: {cause}"
+                if batch.attempts > self.max_retries:
+                    self._fail(batch, summary)
+                else:
+                    summary.retries += 1
+                    pending.appendleft(batch)
+        self._flush()
+        summary.seconds = time.perf_counter() - t0
+        return summary.as_dict()
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    async def _call(replica: ReplicaHandle, table: pa.Table) -> pa.Table:
+        return await replica.submit(table)
+
+    def _batches(self, queries: pa.Table) -> list[_Batch]:
+        """Split Queries by requested teacher, then into batches of that teacher's batch size."""
+        out = []
+        teachers = queries.column("requested_teacher")
+        for teacher in sorted(set(teachers.to_pylist()), key=lambda t: (t is not None, t or "")):
+            mask = pc.is_null(teachers) if teacher is None else pc.equal(teachers, teacher)
+            part = queries.filter(mask)
+            sizes = [r.batch_size for r in self.replicas if teacher is None or r.teacher == teacher]
+            size = min(sizes) if sizes else 1
+            out += [_Batch(part.slice(i, size), teacher) for i in range(0, part.num_rows, size)]
+        return out
+
+    def _fail(self, batch: _Batch, summary: RunSummary) -> None:
+        if batch.last_error:
+            why = f"no replica could answer after {batch.attempts} attempt(s); last error: {batch.last_error}"
+        else:
+            why = f"no live replica of teacher {batch.teacher!r}" if batch.teacher else "no live teacher replica"
+        self._emit(failed_table(batch.table, batch.teacher or "(none)", why), summary)
+
+    def _emit(self, table: pa.Table, summary: RunSummary) -> None:
+        ok_mask = pc.equal(table.column("status"), OK)
+        ok = int(pc.sum(ok_mask.cast(pa.int64())).as_py() or 0)
+        tokens = int(pc.sum(table.column("completion_tokens")).as_py() or 0)
+        summary.ok_rows += ok
+        summary.failed_rows += table.num_rows - ok
+        summary.tokens += tokens
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        if self._buffered >= self.flush_rows:
+            self._flush()
+        # progress counts answers; the manifest (updated on each flush) is what counts as stored
+        if self.progress:
+            self.progress.update(ok, table.num_rows - ok, tokens)
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self.sink.append(pa.concat_tables(self._buffer))
+            self._buffer, self._buffered = [], 0
+
+
+def run_sync(scheduler: Scheduler, queries: pa.Table) -> dict:
+    """Run a scheduler to completion from synchronous code (tests, in-process use)."""
+    return asyncio.run(scheduler.run(queries))
+

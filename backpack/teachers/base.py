@@ -1,0 +1,60 @@
+"""The teacher protocol and the factory that builds a teacher from its config.
+
+A teacher takes a batch of Queries as an Arrow table (`QUERY_SCHEMA`) and returns a table of Completions
+(`DATASET_SCHEMA`), one row per sample. A Query it cannot answer (a prompt longer than its context) comes back
+as a failed row; a failure of the whole batch raises `TeacherError`. Teachers are plain classes: `actors.py`
+turns them into Ray actors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from backpack.core.config import TeacherConfig
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    name: str
+
+    def generate(self, queries: pa.Table) -> pa.Table:
+        """QUERY_SCHEMA table in, DATASET_SCHEMA table out."""
+        ...
+
+    def info(self) -> dict:
+        """backend, model source, fingerprint, device, context length."""
+        ...
+
+
+def build_teacher(cfg: TeacherConfig, replica: str = "") -> Teacher:
+    """Construct the teacher for `cfg.backend`. The `vllm` and `openai` backends plug in here."""
+    if cfg.backend == "hf":
+        from backpack.teachers.hf import HFTeacher
+
+        return HFTeacher(cfg, replica=replica)
+    raise NotImplementedError(f"teacher backend {cfg.backend!r} is not built in this version")
+
+
+class TeacherHost:
+    """What runs inside a teacher actor: builds the teacher for its config and answers for it.
+
+    Kept separate from the backends so every backend gets the same actor surface (`ready`, `generate`,
+    `peak_memory`) without knowing about Ray.
+    """
+
+    def __init__(self, cfg: TeacherConfig, replica: str = ""):
+        self.teacher = build_teacher(cfg, replica)
+
+    def ready(self) -> dict:
+        return self.teacher.info()
+
+    def generate(self, queries: pa.Table) -> pa.Table:
+        return self.teacher.generate(queries)
+
+    def peak_memory(self) -> int:
+        """Peak resident memory of this process in bytes."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,155 @@
+"""The `hf` teacher: a transformers causal LM answering batches of chat Queries.
+
+Batches are left-padded; Queries with identical decoding parameters share one `generate` call. A Query with a
+fixed seed is generated on its own so its answer does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Optional
+
+import pyarrow as pa
+import torch
+
+from backpack.core.config import TeacherConfig
+from backpack.core.schema import completions_to_table, table_to_queries
+from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
+from backpack.errors import TeacherError
+from backpack.teachers.loader import resolve_model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFTeacher:
+    """A transformers model behind the teacher protocol. Construct in-process for tests, or via actors.py."""
+
+    def __init__(self, cfg: TeacherConfig, replica: str = "", cache=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # Each replica gets its own thread budget: two processes both using every core collapse each other.
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.name = cfg.name
+        self.replica = replica or cfg.name
+        self.resolved = resolve_model(cfg.model, cache)
+        if cfg.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = cfg.device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TeacherError(self.replica, "device 'cuda' was asked for but torch sees no GPU here")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=_DTYPES[cfg.dtype])
+        self.model.to(self.device).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {int(i) for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    def info(self) -> dict:
+        return {"teacher": self.name, "replica": self.replica, "backend": "hf", "model": self.resolved.source,
+                "fingerprint": self.resolved.fingerprint, "device": self.device, "context": self.context,
+                "threads": torch.get_num_threads()}
+
+    # ------------------------------------------------------------------ protocol
+
+    def generate(self, queries: pa.Table) -> pa.Table:
+        qs = table_to_queries(queries)
+        completions: list[Completion] = []
+        encoded: dict[str, list[int]] = {}
+        groups: dict[str, list[Query]] = defaultdict(list)
+        for q in qs:
+            ids = self._encode(q)
+            limit = self.context - q.decoding.max_new_tokens
+            if len(ids) > limit:
+                completions.append(self._failed(q, f"prompt is {len(ids)} tokens; with max_new_tokens "
+                                                   f"{q.decoding.max_new_tokens} it exceeds the model context "
+                                                   f"of {self.context} tokens"))
+                continue
+            encoded[q.id] = ids
+            groups[q.decoding.key()].append(q)
+        try:
+            for group in groups.values():
+                params = group[0].decoding
+                if params.seed is not None and not params.greedy:
+                    for q in group:  # seeded sampling: reproducible per Query, whatever the batch
+                        completions += self._generate([q], [encoded[q.id]], params)
+                else:
+                    for start in range(0, len(group), self.cfg.batch_size):
+                        chunk = group[start:start + self.cfg.batch_size]
+                        completions += self._generate(chunk, [encoded[q.id] for q in chunk], params)
+        except torch.OutOfMemoryError as e:
+            raise TeacherError(self.replica, f"out of memory on {self.device}: {e}") from None
+        except RuntimeError as e:
+            raise TeacherError(self.replica, f"{type(e).__name__}: {e}") from None
+        return completions_to_table(qs, completions)
+
+    # ------------------------------------------------------------------ internals
+
+    def _failed(self, q: Query, why: str) -> Completion:
+        c = Completion.failed(q.id, self.name, why, self.replica)
+        c.model_fingerprint = self.resolved.fingerprint
+        return c
+
+    def _encode(self, q: Query) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _generate(self, group: list[Query], ids: list[list[int]], p: DecodingParams) -> list[Completion]:
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        kwargs = dict(max_new_tokens=p.max_new_tokens, num_return_sequences=p.n, pad_token_id=pad,
+                      repetition_penalty=p.repetition_penalty, return_dict_in_generate=True,
+                      output_logits=p.logprobs > 0)
+        if p.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        else:
+            kwargs.update(do_sample=True, temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p)
+            if p.seed is not None:
+                torch.manual_seed(p.seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        latency = time.perf_counter() - t0
+        new = out.sequences[:, width:].tolist()
+        top = self._top_logprobs(out.logits, out.sequences[:, width:], p.logprobs) if p.logprobs else None
+        completions = []
+        for row, tokens in enumerate(new):
+            q = group[row // p.n]
+            end, finish = len(tokens), LENGTH
+            for j, t in enumerate(tokens):
+                if t in self.stop_ids:
+                    end, finish = j, STOP
+                    break
+            tokens = tokens[:end]
+            c = Completion(query_id=q.id, teacher=self.name, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                           token_ids=tokens, finish_reason=finish, sample_index=row % p.n, replica=self.replica,
+                           model_fingerprint=self.resolved.fingerprint, prompt_tokens=len(ids[row // p.n]),
+                           latency_s=latency)
+            if top is not None:
+                chosen, top_ids, top_lp = top
+                c.token_logprobs = chosen[row][:end]
+                c.top_ids = top_ids[row][:end]
+                c.top_logprobs = top_lp[row][:end]
+            completions.append(c)
+        return completions
+
+    @staticmethod
+    def _top_logprobs(logits: tuple, new_tokens: torch.Tensor, k: int):
+        """From the raw (unprocessed) logits of each step: the chosen token's logprob and the top-k ids and
+        logprobs, as nested lists [row][step] and [row][step][k]. Raw logits, so the distribution is the model's
+        own at temperature 1, whatever decoding was used to pick the token."""
+        steps = torch.stack(logits, dim=1).float()            # [rows, steps, vocab]
+        logp = torch.log_softmax(steps, dim=-1)
+        chosen = logp.gather(-1, new_tokens[:, : logp.shape[1]].unsqueeze(-1)).squeeze(-1)
+        top_lp, top_ids = logp.topk(k, dim=-1)
+        return chosen.tolist(), top_ids.tolist(), top_lp.tolist()
