@@ -102,7 +102,7 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
         return result
 
     pool = TeacherPool(cfg.teachers)
-    started_ray = False
+    started_ray, scheduler = False, None
     with redis_for(cfg) as redis_url:
         try:
             rep.stage("starting Ray" if cfg.ray.address is None else f"connecting to Ray at {cfg.ray.address}")
@@ -123,8 +123,10 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
             rep.stage(f"generating {len(todo)} prompt(s)")
             summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
             progress.finish()
-            ray.kill(scheduler)
         finally:
+            # On a shared cluster nothing of this run may outlive it: kill what we spawned, then leave Ray.
+            if scheduler is not None:
+                ray.kill(scheduler)
             pool.shutdown()
             if started_ray:
                 ray.shutdown()

@@ -40,7 +40,7 @@ def _cause(err: BaseException) -> str:
     for line in reversed(text.splitlines()):  # Ray folds the constructor's traceback into the message
         line = line.strip()
         if "Error:" in line and not line.startswith(("File ", "ray.")):
-            return line
+            return line.removeprefix("backpack.errors.")
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -19,10 +19,10 @@ SCHEMA_VERSION = 1
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DECODING_TYPE = pa.struct([
     ("max_new_tokens", pa.int32()),
-    ("temperature", pa.float32()),
+    ("temperature", pa.float64()),
     ("top_k", pa.int32()),
-    ("top_p", pa.float32()),
-    ("repetition_penalty", pa.float32()),
+    ("top_p", pa.float64()),
+    ("repetition_penalty", pa.float64()),
     ("n", pa.int32()),
     ("seed", pa.int64()),
     ("logprobs", pa.int32()),

@@ -16,7 +16,7 @@ import torch
 from backpack.core.config import TeacherConfig
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
-from backpack.errors import TeacherError
+from backpack.errors import ModelNotFoundError, TeacherError
 from backpack.teachers.loader import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,11 +40,14 @@ class HFTeacher:
             self.device = cfg.device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TeacherError(self.replica, "device 'cuda' was asked for but torch sees no GPU here")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+            self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=_DTYPES[cfg.dtype])
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelNotFoundError(f"cannot load model {cfg.model!r}: {str(e).splitlines()[0]}") from None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=_DTYPES[cfg.dtype])
         self.model.to(self.device).eval()
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
         eos = self.model.generation_config.eos_token_id

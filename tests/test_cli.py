@@ -1,0 +1,128 @@
+"""The `backpack` command as a user runs it: exit codes, one clear message, no tracebacks."""
+
+import json
+
+import pytest
+
+from backpack.core.schema import completions_to_table
+from backpack.core.types import Completion, Query
+from backpack.data.store import DatasetStore
+
+from conftest import EXAMPLES, run_cli
+
+
+def assert_clear_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_bad_config_lists_every_problem(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: bad run\nteachers:\n  - name: a\n    replicas: -1\n    modle: x\nprompts: {path: nowhere.jsonl}\n")
+    proc = run_cli("generate", str(cfg))
+    assert_clear_error(proc, "name:", "teachers.0.replicas", "teachers.0.modle: unknown field", "3 problem(s)")
+
+
+def test_missing_prompt_and_model_files(tmp_path):
+    proc = run_cli("generate", str(EXAMPLES / "quickstart.yaml"), f"prompts.path={tmp_path}/none.jsonl",
+                   f"teachers.0.model={tmp_path}/none.gguf")
+    assert_clear_error(proc, "prompts.path: file not found", "teachers.0.model: file or directory not found")
+
+
+def test_malformed_yaml_and_bad_override(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("name: [unclosed\n")
+    assert_clear_error(run_cli("validate", str(cfg)), "(yaml): line")
+    assert_clear_error(run_cli("validate", str(EXAMPLES / "quickstart.yaml"), "decoding.top_p=7"),
+                       "decoding.top_p")
+
+
+def test_unreachable_redis_is_one_clear_error(tmp_path):
+    proc = run_cli("generate", str(EXAMPLES / "quickstart.yaml"), "redis.url=redis://127.0.0.1:1/0",
+                   f"storage.path={tmp_path}")
+    assert_clear_error(proc, "cannot reach Redis at redis://127.0.0.1:1/0")
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run_cli("generate", str(EXAMPLES / "quickstart.yaml"), f"prompts.path={empty}", f"storage.path={tmp_path}")
+    assert_clear_error(proc, "holds no prompts")
+
+
+def test_validate_prints_resolved_config():
+    proc = run_cli("validate", str(EXAMPLES / "quickstart.yaml"), "teachers.0.replicas=3")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["teachers"][0]["replicas"] == 3
+
+
+def test_data_show_and_export(tmp_path):
+    store = DatasetStore(tmp_path / "ds")
+    qs = [Query(messages=[{"role": "user", "content": f"question {i}"}], task="demo") for i in range(3)]
+    store.append(completions_to_table(qs, [Completion(qs[0].id, "t", text="an answer", token_ids=[1]),
+                                           Completion(qs[1].id, "t", text="another", token_ids=[2]),
+                                           Completion.failed(qs[2].id, "t", "too long")]))
+    show = run_cli("data", "show", str(tmp_path / "ds"), "--rows", "2")
+    assert show.returncode == 0, show.stderr
+    assert "version 1, 1 shard(s), 3 row(s): 2 ok, 1 failed" in show.stdout and "question 0" in show.stdout
+    failed = run_cli("data", "show", str(tmp_path / "ds"), "--failed")
+    assert "too long" in failed.stdout and "an answer" not in failed.stdout
+    out = tmp_path / "out.jsonl"
+    exp = run_cli("data", "export", str(tmp_path / "ds"), "--format", "jsonl", "--out", str(out))
+    assert exp.returncode == 0, exp.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in rows[:2]] == ["an answer", "another"] and rows[2]["status"] == "failed"
+    assert_clear_error(run_cli("data", "show", str(tmp_path / "nope")), "no dataset")
+
+
+@pytest.mark.integration
+def test_generate_command_on_an_existing_cluster(ray_session, smol_dir, tmp_path):
+    """`backpack generate` connecting to a running Ray cluster (the test session's), with an embedded Redis."""
+    address = ray_session.get_runtime_context().gcs_address
+    proc = run_cli("generate", str(EXAMPLES / "quickstart.yaml"), f"ray.address={address}",
+                   f"storage.path={tmp_path}", "prompts.limit=4", "teachers.0.replicas=1",
+                   "decoding.max_new_tokens=8", "ray.namespace=cli-test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 answer(s) stored, 0 failed" in proc.stdout
+    assert "generating 4 prompt(s)" in proc.stderr
+    assert DatasetStore(tmp_path / "quickstart" / "dataset", create=False).read().num_rows == 4
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_everything_and_the_rerun_resumes(ray_session, smol_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from test_ray_generate import redis_processes_for
+
+    address = ray_session.get_runtime_context().gcs_address
+    args = [sys.executable, "-m", "backpack.cli", "generate", str(EXAMPLES / "quickstart.yaml"),
+            f"ray.address={address}", f"storage.path={tmp_path}", "prompts.limit=40", "teachers.0.replicas=1",
+            "teachers.0.batch_size=1", "decoding.max_new_tokens=16", "scheduler.flush_rows=1",
+            "ray.namespace=cli-interrupt"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dataset = tmp_path / "quickstart" / "dataset"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # interrupt once some answers are stored
+        if (dataset / "manifest.json").exists() and DatasetStore(dataset, create=False).version >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert not redis_processes_for(tmp_path)
+    stored = DatasetStore(dataset, create=False).answered_ids()
+    assert 2 <= len(stored) < 40
+    # no actor of the interrupted run is left on the cluster (the CLI ran as its own Ray job)
+    import ray._private.state as ray_state
+
+    mine = ray_session.get_runtime_context().get_job_id()
+    left = [a for a in ray_state.actors().values()
+            if a["State"] == "ALIVE" and a["JobID"] != mine and a["ActorClassName"] in ("TeacherHost", "Scheduler")]
+    assert not left, left

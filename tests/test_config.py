@@ -1,0 +1,109 @@
+"""Config loading and validation: every problem reported with its field path, overrides, shipped YAML."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from backpack.core.config import RunConfig, apply_overrides, load_config, validate_config
+from backpack.errors import ConfigError
+
+from conftest import EXAMPLES, REPO
+
+
+def minimal(tmp_path: Path, **extra) -> dict:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    return {"name": "t", "teachers": [{"name": "a"}], "prompts": {"path": str(prompts)}, **extra}
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def problems_of(fn) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        fn()
+    return e.value.problems
+
+
+def test_minimal_config_gets_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, minimal(tmp_path)))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.teachers[0].backend == "hf" and cfg.teachers[0].model == "default"
+    assert cfg.ray.address is None and cfg.redis.url is None
+    assert cfg.decoding.params().greedy
+    assert cfg.dataset_dir == Path("runs") / "t" / "dataset"
+
+
+def test_every_problem_is_listed_with_its_path(tmp_path):
+    data = minimal(tmp_path)
+    data["teachers"] = [{"name": "a", "replicas": 0, "colour": "red"}, {"name": "a", "backend": "tpu"}]
+    data["decoding"] = {"temperature": -1, "top_p": 2}
+    data["typo_section"] = {}
+    probs = problems_of(lambda: load_config(write(tmp_path, data)))
+    text = "\n".join(probs)
+    assert "teachers.0.replicas" in text and "(got 0)" in text
+    assert "teachers.0.colour: unknown field" in text
+    assert "teachers.1.backend" in text and "tpu" in text
+    assert "decoding.temperature" in text and "decoding.top_p" in text
+    assert "typo_section: unknown field" in text
+    assert len(probs) >= 6
+
+
+def test_duplicate_teacher_names_and_reserved_backend(tmp_path):
+    data = minimal(tmp_path)
+    data["teachers"] = [{"name": "a"}, {"name": "a"}]
+    assert any("repeated: a" in p for p in problems_of(lambda: validate_config(data)))
+    data["teachers"] = [{"name": "a", "backend": "vllm"}]
+    assert any("not available in this version" in p for p in problems_of(lambda: validate_config(data)))
+
+
+def test_missing_required_and_files(tmp_path):
+    probs = problems_of(lambda: validate_config({"name": "x"}))
+    assert "teachers: required field is missing" in probs
+    assert "prompts: required field is missing" in probs
+    data = minimal(tmp_path)
+    data["prompts"]["path"] = str(tmp_path / "nope.jsonl")
+    data["teachers"][0]["model"] = str(tmp_path / "missing.gguf")
+    probs = problems_of(lambda: validate_config(data))
+    assert any(p.startswith("prompts.path: file not found") for p in probs)
+    assert any(p.startswith("teachers.0.model: file or directory not found") for p in probs)
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    p = write(tmp_path, "name: x\nteachers: [\n  - a: b\n")
+    probs = problems_of(lambda: load_config(p))
+    assert len(probs) == 1 and probs[0].startswith("(yaml): line")
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, minimal(tmp_path))
+    cfg = load_config(p, ["teachers.0.replicas=3", "decoding.temperature=0.7", "ray.address=auto",
+                          "scheduler.policy=round_robin"])
+    assert cfg.teachers[0].replicas == 3 and cfg.decoding.temperature == 0.7 and cfg.ray.address == "auto"
+    assert any("teachers.0.replicas" in x for x in problems_of(lambda: load_config(p, ["teachers.0.replicas=zero"])))
+    assert any("no such field path" in x for x in problems_of(lambda: load_config(p, ["teachers.5.name=x"])))
+    assert any("expected key=value" in x for x in problems_of(lambda: apply_overrides({}, ["oops"])))
+
+
+def test_greedy_with_many_samples_is_refused(tmp_path):
+    data = minimal(tmp_path, decoding={"n": 3})
+    assert any("n > 1 needs sampling" in p for p in problems_of(lambda: validate_config(data)))
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in REPO.rglob("*.yaml")
+                                        if ".venv" not in p.parts and "runs" not in p.parts))
+def test_every_shipped_yaml_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    load_config(path)
+
+
+def test_quickstart_has_a_comment_above_every_field():
+    lines = (EXAMPLES / "quickstart.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            assert i > 0 and lines[i - 1].strip().startswith("#"), f"no comment above line {i + 1}: {line!r}"

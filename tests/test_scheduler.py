@@ -1,0 +1,120 @@
+"""The scheduler's routing, retry and no-loss logic, with in-process fake replicas (no Ray, no model)."""
+
+import asyncio
+
+import pyarrow as pa
+import pytest
+
+from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
+from backpack.core.types import Completion, Query
+from backpack.scheduler import Scheduler, run_sync
+
+
+class Died(Exception):
+    pass
+
+
+class FakeReplica:
+    def __init__(self, name, teacher="t", batch_size=2, max_in_flight=2, fail_times=0, die_after=None, delay=0.01):
+        self.name, self.teacher, self.batch_size, self.max_in_flight = name, teacher, batch_size, max_in_flight
+        self.fail_times, self.die_after, self.delay = fail_times, die_after, delay
+        self.calls = 0
+        self.peak = 0
+        self.active = 0
+
+    async def _answer(self, table):
+        self.calls += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+            if self.die_after is not None and self.calls > self.die_after:
+                raise Died(f"{self.name} died")
+            if self.fail_times > 0:
+                self.fail_times -= 1
+                raise RuntimeError("transient")
+            qs = table_to_queries(table)
+            return completions_to_table(qs, [Completion(q.id, self.teacher, text="ok", token_ids=[1],
+                                                        replica=self.name) for q in qs])
+        finally:
+            self.active -= 1
+
+    def submit(self, table):
+        return self._answer(table)
+
+    def is_fatal(self, err):
+        return isinstance(err, Died)
+
+
+class ListSink:
+    def __init__(self):
+        self.tables = []
+
+    def append(self, table):
+        self.tables.append(table)
+
+    @property
+    def table(self) -> pa.Table:
+        return pa.concat_tables(self.tables)
+
+
+def queries(n, teacher=None):
+    return queries_to_table([Query(messages=[{"role": "user", "content": f"q{i}"}], teacher=teacher)
+                             for i in range(n)])
+
+
+def test_spreads_over_replicas_and_respects_in_flight_limit():
+    reps = [FakeReplica("a", max_in_flight=1), FakeReplica("b", max_in_flight=2)]
+    sink = ListSink()
+    s = run_sync(Scheduler(reps, sink, flush_rows=4), queries(20))
+    assert s["ok_rows"] == 20 and s["failed_rows"] == 0
+    assert reps[0].calls > 0 and reps[1].calls > 0
+    assert reps[0].peak <= 1 and reps[1].peak <= 2
+    assert sorted(sink.table.column("query_id").to_pylist()) == sorted(queries(20).column("query_id").to_pylist())
+    assert len(sink.tables) >= 4  # flushed in shards as answers arrived
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded"])
+def test_dead_replica_work_is_rerouted(policy):
+    reps = [FakeReplica("a", die_after=1), FakeReplica("b")]
+    sink = ListSink()
+    s = run_sync(Scheduler(reps, sink, policy=policy), queries(12))
+    assert s["ok_rows"] == 12 and "a" in s["dead_replicas"]
+    assert sorted(sink.table.column("query_id").to_pylist()) == sorted(queries(12).column("query_id").to_pylist())
+    assert set(sink.table.column("replica").to_pylist()) <= {"a", "b"}
+
+
+def test_transient_failure_retried_on_the_only_replica():
+    rep = FakeReplica("a", fail_times=1)
+    s = run_sync(Scheduler([rep], ListSink(), max_retries=2), queries(2))
+    assert s["ok_rows"] == 2 and s["retries"] == 1
+
+
+def test_query_failing_everywhere_is_reported_not_dropped():
+    reps = [FakeReplica("a", fail_times=99), FakeReplica("b", fail_times=99)]
+    sink = ListSink()
+    s = run_sync(Scheduler(reps, sink, max_retries=3), queries(3))
+    t = sink.table
+    assert s["failed_rows"] == 3 and t.num_rows == 3
+    assert all("transient" in e and "no replica could answer" in e for e in t.column("error").to_pylist())
+
+
+def test_all_replicas_dead_fails_the_rest():
+    reps = [FakeReplica("a", die_after=0)]
+    sink = ListSink()
+    s = run_sync(Scheduler(reps, sink, max_retries=5), queries(5))
+    assert s["failed_rows"] == 5 and sink.table.num_rows == 5
+
+
+def test_routes_by_requested_teacher():
+    reps = [FakeReplica("x0", teacher="x"), FakeReplica("y0", teacher="y")]
+    sink = ListSink()
+    table = pa.concat_tables([queries(3, teacher="y"), queries_to_table(
+        [Query(messages=[{"role": "user", "content": "free"}])]), queries_to_table(
+        [Query(messages=[{"role": "user", "content": "z"}], teacher="z")])])
+    s = run_sync(Scheduler(reps, sink), table)
+    rows = {r["query_id"]: r for r in sink.table.to_pylist()}
+    assert all(r["replica"] == "y0" for r in rows.values() if r["requested_teacher"] == "y")
+    z = [r for r in rows.values() if r["requested_teacher"] == "z"][0]
+    assert z["status"] == "failed" and "no live replica of teacher 'z'" in z["error"]
+    assert s["ok_rows"] == 4

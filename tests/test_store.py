@@ -1,0 +1,64 @@
+"""DatasetStore: append-only versions, crash safety, reads by version and since a version."""
+
+import pyarrow as pa
+import pytest
+
+from backpack.core.schema import completions_to_table
+from backpack.core.types import Completion, Query
+from backpack.data.store import DatasetStore
+from backpack.errors import DatasetError
+
+
+def rows(prefix: str, n: int, teacher="a", failed=0) -> pa.Table:
+    qs = [Query(messages=[{"role": "user", "content": f"{prefix}{i}"}]) for i in range(n)]
+    cs = [Completion(q.id, teacher, text=f"answer {q.id}", token_ids=[1, 2]) for q in qs[: n - failed]]
+    cs += [Completion.failed(q.id, teacher, "bad") for q in qs[n - failed:]]
+    return completions_to_table(qs, cs)
+
+
+def test_append_versions_and_reads(tmp_path):
+    s = DatasetStore(tmp_path / "ds")
+    assert s.version == 0 and s.read().num_rows == 0
+    e1 = s.append(rows("a", 3))
+    e2 = s.append(rows("b", 2, teacher="b", failed=1))
+    assert (e1.version, e2.version) == (1, 2)
+    assert s.append(rows("c", 0)) is None and s.version == 2
+    assert s.read().num_rows == 5 and s.read(version=1).num_rows == 3
+    assert s.read_since(1).column("teacher").to_pylist() == ["b", "b"]
+    assert len(s.answered_ids()) == 4
+    summary = s.manifest().summary()
+    assert summary["failed"] == 1 and summary["teachers"] == {"a": 3, "b": 2}
+    # a second handle (another process) sees the same data
+    assert DatasetStore(tmp_path / "ds", create=False).read().equals(s.read())
+
+
+def test_crash_between_shard_and_manifest_leaves_previous_version(tmp_path, monkeypatch):
+    s = DatasetStore(tmp_path / "ds")
+    s.append(rows("a", 2))
+    before = s.read()
+
+    def crash(manifest):
+        raise KeyboardInterrupt("killed before the manifest was written")
+
+    monkeypatch.setattr(s, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        s.append(rows("b", 3))
+    fresh = DatasetStore(tmp_path / "ds", create=False)
+    assert fresh.version == 1 and fresh.read().equals(before)
+    # the orphan shard exists on disk but is not part of any version
+    assert len(list((tmp_path / "ds" / "shards").glob("*.parquet"))) == 2
+
+
+def test_missing_and_corrupt(tmp_path):
+    with pytest.raises(DatasetError, match="no dataset"):
+        DatasetStore(tmp_path / "nothing", create=False)
+    s = DatasetStore(tmp_path / "ds")
+    (tmp_path / "ds" / "manifest.json").write_text("{}")
+    with pytest.raises(DatasetError, match="corrupt manifest"):
+        s.manifest()
+
+
+def test_rejects_wrong_schema(tmp_path):
+    s = DatasetStore(tmp_path / "ds")
+    with pytest.raises(ValueError, match="schema"):
+        s.append(pa.table({"x": [1]}))

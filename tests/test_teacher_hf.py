@@ -1,0 +1,93 @@
+"""The hf teacher, in-process, on the real SmolLM2-135M-Instruct and on a tiny random Llama directory."""
+
+import pytest
+
+from backpack.core.config import TeacherConfig
+from backpack.core.schema import DATASET_SCHEMA, queries_to_table
+from backpack.core.types import DecodingParams, Query
+from backpack.errors import ModelNotFoundError
+from backpack.teachers.hf import HFTeacher
+from backpack.teachers.loader import resolve_model
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return HFTeacher(TeacherConfig(name="smol", threads=2, batch_size=4))
+
+
+def ask(teacher, prompts, **dec):
+    qs = [Query(messages=[{"role": "user", "content": p}], decoding=DecodingParams(**dec)) for p in prompts]
+    return qs, teacher.generate(queries_to_table(qs)).to_pylist()
+
+
+def test_greedy_answers_are_deterministic_and_complete(smol):
+    qs, rows = ask(smol, ["What is the capital of France?", "Say hello."], max_new_tokens=24)
+    _, again = ask(smol, ["What is the capital of France?", "Say hello."], max_new_tokens=24)
+    assert [r["text"] for r in rows] == [r["text"] for r in again]
+    assert [r["query_id"] for r in rows] == [q.id for q in qs]
+    for r in rows:
+        assert r["status"] == "ok" and r["text"].strip() and r["finish_reason"] in ("stop", "length")
+        assert 0 < r["completion_tokens"] <= 24 and r["prompt_tokens"] > 0
+        assert r["model_fingerprint"].startswith("gguf-sha256:") and r["teacher"] == "smol"
+        assert smol.tokenizer.decode(r["token_ids"], skip_special_tokens=True) == r["text"]
+    assert "Paris" in rows[0]["text"]
+
+
+def test_batching_does_not_change_greedy_answers(smol):
+    prompts = ["Name a fruit.", "What is 3 plus 4?", "Write one word about the sea."]
+    _, batched = ask(smol, prompts, max_new_tokens=12)
+    singles = [ask(smol, [p], max_new_tokens=12)[1][0]["text"] for p in prompts]
+    assert [r["text"] for r in batched] == singles  # left padding is right
+
+
+def test_top_k_logprobs(smol):
+    _, rows = ask(smol, ["Count from one to five."], max_new_tokens=10, logprobs=3)
+    r = rows[0]
+    n = r["completion_tokens"]
+    assert len(r["token_logprobs"]) == len(r["top_ids"]) == len(r["top_logprobs"]) == n
+    assert all(len(k) == 3 for k in r["top_ids"])
+    for tok, chosen, ids, lps in zip(r["token_ids"], r["token_logprobs"], r["top_ids"], r["top_logprobs"]):
+        assert ids[0] == tok and chosen == pytest.approx(lps[0], abs=1e-5)   # greedy picks the top token
+        assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+
+
+def test_sampling_n_and_seed(smol):
+    dec = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, n=3, seed=7)
+    _, a = ask(smol, ["Tell me a short joke."], **dec)
+    _, b = ask(smol, ["Tell me a short joke.", "Another prompt in the same batch."], **dec)
+    assert [r["sample_index"] for r in a] == [0, 1, 2]
+    assert [r["text"] for r in a] == [r["text"] for r in b[:3]]   # seeded: independent of batch mates
+    assert len({r["text"] for r in a}) > 1
+
+
+def test_prompt_longer_than_context_fails_that_query_only(tiny_model_dir):
+    t = HFTeacher(TeacherConfig(name="tiny", model=tiny_model_dir))
+    assert t.context == 256 and t.resolved.fingerprint.startswith("dir-sha256:")
+    _, rows = ask(t, ["word " * 400, "short"], max_new_tokens=8)
+    assert rows[0]["status"] == "failed" and "exceeds the model context of 256" in rows[0]["error"]
+    assert rows[1]["status"] == "ok" and rows[1]["completion_tokens"] > 0
+
+
+def test_output_schema(tiny_model_dir):
+    t = HFTeacher(TeacherConfig(name="tiny", model=tiny_model_dir))
+    out = t.generate(queries_to_table([Query(messages=[{"role": "user", "content": "x"}],
+                                             decoding=DecodingParams(max_new_tokens=4))]))
+    assert out.schema.equals(DATASET_SCHEMA, check_metadata=False)
+
+
+def test_gguf_conversion_is_cached(smol_dir):
+    import time
+
+    t0 = time.perf_counter()
+    again = resolve_model("default")
+    assert again.path == smol_dir and (time.perf_counter() - t0) < 10  # no second conversion
+
+
+def test_missing_models_are_clear(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_model("no-such-org/no-such-model")
