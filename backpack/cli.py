@@ -72,7 +72,8 @@ def cmd_generate(args) -> int:
         rep.close()
     print(f"dataset {res.dataset} is at version {res.version}: {res.ok_rows} answer(s) stored, "
           f"{res.failed_rows} failed, {res.skipped} prompt(s) already answered earlier, "
-          f"{res.tokens} tokens in {res.seconds:.1f} s ({res.tokens_per_s:.1f} tok/s)")
+          f"{res.tokens} tokens generated in {res.generate_seconds:.1f} s ({res.tokens_per_s:.1f} tok/s); "
+          f"whole run {res.seconds:.1f} s")
     if res.dead_replicas:
         print(f"replicas lost during the run (their work was re-routed): {', '.join(res.dead_replicas)}")
     if res.failed_rows:

@@ -9,6 +9,8 @@ and on Ctrl-C too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,6 +20,7 @@ from backpack.core.prompts import read_prompts
 from backpack.core.schema import completions_to_table, queries_to_table
 from backpack.core.types import Completion
 from backpack.data.store import DatasetStore
+from backpack.errors import BackpackError, InputError
 from backpack.runtime import ray_runtime
 from backpack.runtime.progress import RedisProgress
 from backpack.runtime.redis_server import EmbeddedRedis, connect
@@ -33,12 +36,14 @@ class GenerateResult:
     ok_rows: int
     failed_rows: int
     tokens: int
-    seconds: float
+    seconds: float                 # the whole run: start-up, model loading, generation
+    generate_seconds: float = 0.0  # from the first batch sent to the last answer stored
     dead_replicas: dict = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+        """Generation throughput (start-up and model loading excluded)."""
+        return self.tokens / self.generate_seconds if self.generate_seconds else 0.0
 
 
 class Reporter:
@@ -47,6 +52,25 @@ class Reporter:
     def stage(self, text: str) -> None: ...
 
     def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None: ...
+
+
+@contextlib.contextmanager
+def run_lock(cfg: RunConfig):
+    """Hold `<run_dir>/.lock` for the run: two runs of one name would write one dataset and one Redis AOF."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise InputError(f"run {cfg.name!r} is already running (lock held on {path}, pid {f.read().strip()})") \
+                from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
 
 
 @contextlib.contextmanager
@@ -73,7 +97,12 @@ def prepare_models(cfg: RunConfig) -> None:
 def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
              on_started: Optional[Callable[[list], None]] = None) -> GenerateResult:
     """Answer the run's prompt collection with its teachers into `cfg.dataset_dir`. Re-running the same
-    config resumes: Queries already answered are skipped."""
+    config resumes: Queries already answered are skipped. One run of a name at a time."""
+    with run_lock(cfg):
+        return _generate(cfg, reporter, on_started)
+
+
+def _generate(cfg: RunConfig, reporter: Optional[Reporter], on_started) -> GenerateResult:
     import ray
 
     from backpack.actors import spawn_scheduler
@@ -83,7 +112,6 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
     t0 = time.perf_counter()
     queries, rejected = read_prompts(cfg.prompts.path, cfg.decoding.params(), cfg.prompts.default_task,
                                      cfg.prompts.limit, cfg.prompts.max_chars)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     store = DatasetStore(str(cfg.dataset_dir))
     seen = set(store.read(columns=["query_id"]).column("query_id").to_pylist())
     answered = store.answered_ids()
@@ -121,7 +149,12 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
             scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,
                                         max_retries=cfg.scheduler.max_retries, flush_rows=cfg.scheduler.flush_rows)
             rep.stage(f"generating {len(todo)} prompt(s)")
-            summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
+            try:
+                summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
+            except ray.exceptions.RayActorError as e:
+                progress.finish("failed")
+                raise BackpackError(f"the scheduler actor died ({str(e).splitlines()[0]}); answers stored so far "
+                                    f"are kept: rerun the same command to resume") from None
             progress.finish()
         finally:
             # On a shared cluster nothing of this run may outlive it: kill what we spawned, then leave Ray.
@@ -133,6 +166,7 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
     result.ok_rows += summary["ok_rows"]
     result.failed_rows += summary["failed_rows"]
     result.tokens = summary["tokens"]
+    result.generate_seconds = summary["seconds"]
     result.dead_replicas = summary["dead_replicas"]
     result.version = store.version
     result.seconds = time.perf_counter() - t0

@@ -6,7 +6,8 @@ teacher actors. Guarantees:
 
 - at most `max_in_flight` batches are queued at each replica;
 - a batch that fails is retried on another replica (up to `max_retries` times); a replica whose failure is
-  fatal (its actor died) gets no more work;
+  fatal (its actor died) gets no more work; a batch that still fails is split in halves, each tried once
+  more, so one bad Query fails alone;
 - a Query that no replica could answer is written as a failed row with the last cause, never dropped;
 - answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive.
 """
@@ -140,7 +141,10 @@ class Scheduler:
                 batch.attempts += 1
                 batch.exclude.add(view.name)
                 batch.last_error = f"replica {view.name}: {cause}"
-                if batch.attempts > self.max_retries:
+                if batch.attempts > self.max_retries and batch.table.num_rows > 1:
+                    # One bad Query must not sink its batch-mates: split, give each half one more try.
+                    pending.extendleft(reversed(self._split(batch)))
+                elif batch.attempts > self.max_retries:
                     self._fail(batch, summary)
                 else:
                     summary.retries += 1
@@ -166,6 +170,11 @@ class Scheduler:
             size = min(sizes) if sizes else 1
             out += [_Batch(part.slice(i, size), teacher) for i in range(0, part.num_rows, size)]
         return out
+
+    def _split(self, batch: _Batch) -> list[_Batch]:
+        half = batch.table.num_rows // 2
+        return [_Batch(part, batch.teacher, attempts=self.max_retries, last_error=batch.last_error)
+                for part in (batch.table.slice(0, half), batch.table.slice(half))]
 
     def _fail(self, batch: _Batch, summary: RunSummary) -> None:
         if batch.last_error:

@@ -126,3 +126,10 @@ def test_ctrl_c_stops_everything_and_the_rerun_resumes(ray_session, smol_dir, tm
     left = [a for a in ray_state.actors().values()
             if a["State"] == "ALIVE" and a["JobID"] != mine and a["ActorClassName"] in ("TeacherHost", "Scheduler")]
     assert not left, left
+
+
+def test_unreachable_ray_address_fails_fast(tmp_path):
+    proc = run_cli("generate", str(EXAMPLES / "quickstart.yaml"), "ray.address=127.0.0.1:1",
+                   f"storage.path={tmp_path}", timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in proc.stderr, proc.stderr[-2000:]

@@ -139,3 +139,27 @@ def test_broken_model_is_clear_and_stops_redis(ray_session, tmp_path):
         generate(cfg)
     assert "smol/" in str(e.value) and "cannot load model" in str(e.value) and "broken-model" in str(e.value)
     assert not redis_processes_for(cfg.run_dir)
+
+
+def test_two_teachers_route_by_requested_teacher(ray_session, smol_dir, tiny_model_dir, tmp_path):
+    lines = [json.dumps({"id": f"s{i}", "prompt": p, "teacher": "smol"}).encode() for i, p in enumerate(PROMPTS[:3])]
+    lines += [json.dumps({"id": f"t{i}", "prompt": p, "teacher": "tiny"}).encode() for i, p in enumerate(PROMPTS[3:6])]
+    lines += [json.dumps({"id": f"a{i}", "prompt": p}).encode() for i, p in enumerate(PROMPTS[6:9])]
+    tiny = TeacherConfig(name="tiny", model=tiny_model_dir, replicas=1, threads=1, num_cpus=1, batch_size=2)
+    cfg = _config(tmp_path, lines, teachers=[smol(replicas=1).model_dump(), tiny.model_dump()])
+    res = generate(cfg)
+    assert res.ok_rows == 9 and res.failed_rows == 0
+    rows = {r["query_id"]: r for r in DatasetStore(cfg.dataset_dir, create=False).read().to_pylist()}
+    assert all(rows[f"s{i}"]["teacher"] == "smol" and rows[f"t{i}"]["teacher"] == "tiny" for i in range(3))
+    assert rows["s0"]["model_fingerprint"].startswith("gguf-") and rows["t0"]["model_fingerprint"].startswith("dir-")
+    assert {rows[f"a{i}"]["teacher"] for i in range(3)} <= {"smol", "tiny"}
+
+
+def test_one_run_of_a_name_at_a_time(tmp_path):
+    from backpack.errors import InputError
+    from backpack.pipeline import run_lock
+
+    cfg = _config(tmp_path, [b'{"prompt": "hi"}'])
+    with run_lock(cfg):
+        with pytest.raises(InputError, match="already running"):
+            generate(cfg)

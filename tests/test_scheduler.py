@@ -34,6 +34,8 @@ class FakeReplica:
                 self.fail_times -= 1
                 raise RuntimeError("transient")
             qs = table_to_queries(table)
+            if any("poison" in q.messages[-1]["content"] for q in qs):
+                raise RuntimeError("cannot digest poison")
             return completions_to_table(qs, [Completion(q.id, self.teacher, text="ok", token_ids=[1],
                                                         replica=self.name) for q in qs])
         finally:
@@ -118,3 +120,15 @@ def test_routes_by_requested_teacher():
     z = [r for r in rows.values() if r["requested_teacher"] == "z"][0]
     assert z["status"] == "failed" and "no live replica of teacher 'z'" in z["error"]
     assert s["ok_rows"] == 4
+
+
+def test_one_poison_query_fails_alone():
+    reps = [FakeReplica("a", batch_size=4), FakeReplica("b", batch_size=4)]
+    table = pa.concat_tables([queries(6), queries_to_table([Query(messages=[{"role": "user", "content": "poison"}])]),
+                              queries_to_table([Query(messages=[{"role": "user", "content": "after"}])])])
+    sink = ListSink()
+    s = run_sync(Scheduler(reps, sink, max_retries=1), table)
+    rows = sink.table.to_pylist()
+    assert s["ok_rows"] == 7 and s["failed_rows"] == 1 and len(rows) == 8
+    bad = [r for r in rows if r["status"] == "failed"][0]
+    assert bad["messages"][-1]["content"] == "poison" and "cannot digest poison" in bad["error"]

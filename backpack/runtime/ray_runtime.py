@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from backpack.core.config import RayConfig
 from backpack.core.resources import Demand, placement_problems
 from backpack.errors import BackpackError, ResourceError
 
 DEFAULT_NAMESPACE = "backpack"
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of "host:port" or "ray://host:port" ("auto" and other forms: None)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens at: ray.init would retry for minutes before giving up."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as e:
+        raise BackpackError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
 def connect(cfg: RayConfig) -> bool:
@@ -27,6 +48,7 @@ def connect(cfg: RayConfig) -> bool:
         if cfg.address is None:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, **kwargs)
         else:
+            check_reachable(cfg.address)
             ray.init(address=cfg.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = cfg.address or "a local cluster"
