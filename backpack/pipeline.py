@@ -13,12 +13,12 @@ import fcntl
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from backpack.core.config import RunConfig
 from backpack.core.prompts import read_prompts
 from backpack.core.schema import completions_to_table, queries_to_table
-from backpack.core.types import Completion
+from backpack.core.types import OK, Completion
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, InputError
 from backpack.runtime import ray_runtime
@@ -94,15 +94,14 @@ def prepare_models(cfg: RunConfig) -> None:
             resolve_model(t.model)
 
 
-def generate(cfg: RunConfig, reporter: Optional[Reporter] = None,
-             on_started: Optional[Callable[[list], None]] = None) -> GenerateResult:
+def generate(cfg: RunConfig, reporter: Optional[Reporter] = None) -> GenerateResult:
     """Answer the run's prompt collection with its teachers into `cfg.dataset_dir`. Re-running the same
     config resumes: Queries already answered are skipped. One run of a name at a time."""
     with run_lock(cfg):
-        return _generate(cfg, reporter, on_started)
+        return _generate(cfg, reporter)
 
 
-def _generate(cfg: RunConfig, reporter: Optional[Reporter], on_started) -> GenerateResult:
+def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     import ray
 
     from backpack.actors import spawn_scheduler
@@ -113,10 +112,9 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter], on_started) -> Gener
     queries, rejected = read_prompts(cfg.prompts.path, cfg.decoding.params(), cfg.prompts.default_task,
                                      cfg.prompts.limit, cfg.prompts.max_chars)
     store = DatasetStore(str(cfg.dataset_dir))
-    seen = set(store.read(columns=["query_id"]).column("query_id").to_pylist())
-    answered = store.answered_ids()
-    todo = [q for q in queries if q.id not in answered]
-    new_rejected = [r for r in rejected if r.query.id not in seen]
+    stored = store.query_status()  # resume: skip what is answered; record a bad record once
+    todo = [q for q in queries if stored.get(q.id) != OK]
+    new_rejected = [r for r in rejected if r.query.id not in stored]
     result = GenerateResult(dataset=str(cfg.dataset_dir), version=store.version, queries=len(todo),
                             skipped=len(queries) - len(todo), rejected=len(new_rejected), ok_rows=0,
                             failed_rows=0, tokens=0, seconds=0.0)
@@ -142,8 +140,6 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter], on_started) -> Gener
             n = sum(t.replicas for t in cfg.teachers)
             rep.stage(f"loading {n} teacher replica(s)")
             pool.start(on_ready=lambda k, total: rep.stage(f"teacher replicas ready: {k}/{total}"))
-            if on_started:
-                on_started(pool.replicas)
             progress = RedisProgress(redis_url, cfg.name)
             progress.start(total=len(todo) * cfg.decoding.n)
             scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,

@@ -18,7 +18,6 @@ from collections import Counter
 from typing import Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -135,10 +134,18 @@ class DatasetStore:
         """Rows added after `version`, as one table."""
         return self._read(self.shards_since(version), columns)
 
+    def query_status(self) -> dict[str, str]:
+        """Each stored query id -> "ok" if any of its rows succeeded, else "failed"."""
+        t = self.read(columns=["query_id", "status"])
+        out: dict[str, str] = {}
+        for qid, status in zip(t.column("query_id").to_pylist(), t.column("status").to_pylist()):
+            if out.get(qid) != OK:
+                out[qid] = status
+        return out
+
     def answered_ids(self) -> set[str]:
         """Query ids that already have a successful Completion (a rerun skips them)."""
-        t = self.read(columns=["query_id", "status"])
-        return set(pc.filter(t.column("query_id"), pc.equal(t.column("status"), OK)).to_pylist())
+        return {q for q, s in self.query_status().items() if s == OK}
 
     def to_ray_dataset(self, version: Optional[int] = None, since: Optional[int] = None):
         """The dataset (at `version`, or only the shards added after `since`) as a Ray Dataset."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Optional
 
 import pyarrow as pa
 import torch
