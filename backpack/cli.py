@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Optional
 
+from backpack import __version__
 from backpack.errors import BackpackError
 
 
@@ -81,9 +82,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _dataset_path(path: str) -> str:
+    """Accept a run folder (runs/quickstart) as well as its dataset folder (runs/quickstart/dataset)."""
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p / "dataset") if not (p / "manifest.json").exists() and (p / "dataset" / "manifest.json").exists() \
+        else path
+
+
 def cmd_data_show(args) -> int:
     from backpack.data.store import DatasetStore
 
+    args.path = _dataset_path(args.path)
     store = DatasetStore(args.path, create=False)
     m = store.manifest()
     s = m.summary()
@@ -115,7 +126,7 @@ def _short(text: str, n: int = 160) -> str:
 def cmd_data_export(args) -> int:
     from backpack.data.store import DatasetStore
 
-    store = DatasetStore(args.path, create=False)
+    store = DatasetStore(_dataset_path(args.path), create=False)
     table = store.read(version=args.version)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
@@ -132,6 +143,7 @@ def cmd_data_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backpack", description="Distil small student models from teacher models.")
+    p.add_argument("--version", action="version", version=f"backpack {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer a prompt collection with the run's teachers into a dataset")

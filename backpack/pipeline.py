@@ -139,7 +139,7 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
                 prepare_models(cfg)
             n = sum(t.replicas for t in cfg.teachers)
             rep.stage(f"loading {n} teacher replica(s)")
-            pool.start(on_ready=lambda k, total: rep.stage(f"teacher replicas ready: {k}/{total}"))
+            pool.start(report=rep.stage)
             progress = RedisProgress(redis_url, cfg.name)
             progress.start(total=len(todo) * cfg.decoding.n)
             scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,

@@ -61,9 +61,10 @@ class TeacherPool:
                     for i in range(t.replicas)]
         return out
 
-    def start(self, timeout: float = 900.0, on_ready: Optional[Callable[[int, int], None]] = None) -> list[dict]:
+    def start(self, timeout: float = 900.0, report: Optional[Callable[[str], None]] = None) -> list[dict]:
         """Spawn every replica and wait until each has loaded its model. Raises TeacherError naming the first
-        replica that failed to start, with its cause."""
+        replica that failed to start, with its cause. `report` gets a line per replica ready, and one every
+        30 s while replicas wait (for a model load, or for cluster resources other jobs hold)."""
         pending = {}
         for t in self.configs:
             for i in range(t.replicas):
@@ -74,9 +75,16 @@ class TeacherPool:
         total, infos = len(pending), {}
         deadline = time.monotonic() + timeout
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
-            if not done:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TeacherError(", ".join(pending.values()), f"did not load within {timeout:.0f} s")
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(30.0, left))
+            if not done:
+                if report:
+                    free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                    report(f"still waiting for {len(pending)} replica(s) to load "
+                           f"(cluster resources free now: {free})")
+                continue
             ref = done[0]
             name = pending.pop(ref)
             try:
@@ -84,8 +92,8 @@ class TeacherPool:
             except ray.exceptions.RayError as e:
                 self.shutdown()
                 raise TeacherError(name, f"could not start: {_cause(e)}") from None
-            if on_ready:
-                on_ready(total - len(pending), total)
+            if report:
+                report(f"teacher replicas ready: {total - len(pending)}/{total}")
         self.infos = [infos[r.name] for r in self.replicas]
         return self.infos
 

@@ -64,7 +64,10 @@ def test_data_show_and_export(tmp_path):
     store.append(completions_to_table(qs, [Completion(qs[0].id, "t", text="an answer", token_ids=[1]),
                                            Completion(qs[1].id, "t", text="another", token_ids=[2]),
                                            Completion.failed(qs[2].id, "t", "too long")]))
-    show = run_cli("data", "show", str(tmp_path / "ds"), "--rows", "2")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "ds").rename(tmp_path / "run" / "dataset")
+    (tmp_path / "ds").symlink_to(tmp_path / "run" / "dataset")
+    show = run_cli("data", "show", str(tmp_path / "run"), "--rows", "2")  # a run folder is accepted too
     assert show.returncode == 0, show.stderr
     assert "version 1, 1 shard(s), 3 row(s): 2 ok, 1 failed" in show.stdout and "question 0" in show.stdout
     failed = run_cli("data", "show", str(tmp_path / "ds"), "--failed")
