@@ -103,6 +103,8 @@ class Scheduler:
         inflight: dict[asyncio.Task, tuple[int, _Batch]] = {}
         while pending or inflight:
             for _ in range(len(pending)):
+                if not any(v.alive and v.in_flight < v.max_in_flight for v in self.views) and inflight:
+                    break  # every replica is full: wait for an answer instead of rescanning the queue
                 batch = pending.popleft()
                 exclude = frozenset(batch.exclude)
                 idx = self.policy(self.views, self._last, batch.teacher, exclude)
