@@ -261,3 +261,23 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, 
             raise ConfigError(source, ["(top level): expected a mapping of fields"])
         data = apply_overrides(data, overrides)
     return validate_config(data, source, check_files=check_files)
+
+
+class StudentConfig(_Section):
+    """The student: a pretrained base (same loader as the hf teacher) with LoRA adapters, or trained in full."""
+
+    base: str = DEFAULT_MODEL          # "default", a .gguf file, a local HF directory, or a hub id
+    mode: Literal["lora", "full"] = "lora"
+    lora_r: int = Field(16, ge=1, le=1024)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      min_length=1)
+    # Make the student smaller than its base: "every_other" keeps layers 0, 2, 4, ...; a list keeps those indices.
+    layers: Optional[Literal["every_other"] | list[int]] = None
+
+    @model_validator(mode="after")
+    def _subset_trains_in_full(self):
+        if self.layers is not None and self.mode == "lora":
+            raise ValueError("a student with a subset of its base's layers is trained in full: set mode: full")
+        return self
