@@ -21,6 +21,15 @@ from backpack.teachers.loader import resolve_model
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` under the model's chat template, ending with the assistant-turn opener.
+    The same function builds teacher prompts and student training prompts, so the two always agree."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class HFTeacher:
     """A transformers model behind the teacher protocol. Construct in-process for tests, or via actors.py."""
 
@@ -99,10 +108,7 @@ class HFTeacher:
         return c
 
     def _encode(self, q: Query) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(q.messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self.tokenizer, q.messages)
 
     def _generate(self, group: list[Query], ids: list[list[int]], p: DecodingParams) -> list[Completion]:
         width = max(len(x) for x in ids)
