@@ -281,3 +281,31 @@ class StudentConfig(_Section):
         if self.layers is not None and self.mode == "lora":
             raise ValueError("a student with a subset of its base's layers is trained in full: set mode: full")
         return self
+
+
+class TrainingConfig(_Section):
+    """How the student is trained on the run's dataset with Ray Train."""
+
+    num_workers: int = Field(1, ge=1, le=512)      # data-parallel workers (DDP)
+    cpus_per_worker: float = Field(1.0, gt=0)      # fractional is fine: leave CPUs for Ray Data
+    use_gpu: bool = False
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    batch_size: int = Field(8, ge=1)               # rows per micro-batch per worker
+    grad_accum: int = Field(1, ge=1)               # micro-batches per optimizer step
+    max_steps: int = Field(100, ge=1)              # optimizer steps in all
+    lr: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_len: int = Field(512, ge=8)                # longer sequences are truncated (and counted)
+    kd_weight: float = Field(0.0, ge=0, le=1)      # 0: sequence-level KD (SFT on teacher text); 1: token-level only
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, gt=0, lt=1)           # JSD weight
+    top_k: int = Field(4, ge=1, le=64)             # teacher logprobs used per token (<= decoding.logprobs)
+    # Token-level KD needs teacher and student to share a tokenizer: "error" refuses a mismatched run,
+    # "sequence_level" falls back to SFT on the teacher's text.
+    on_tokenizer_mismatch: Literal["error", "sequence_level"] = "error"
+    log_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(20, ge=1)
+    max_failures: int = Field(1, ge=0)             # worker-group restarts from the last checkpoint
+    seed: int = 0

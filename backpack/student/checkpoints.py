@@ -1,0 +1,61 @@
+"""Student checkpoints: the trainable weights (LoRA adapters, or every weight in full mode) as safetensors,
+the optimizer state, and a small JSON state. The same files make a registry version."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "trainable.safetensors"
+OPTIMIZER = "optimizer.pt"
+STATE = "state.json"
+
+
+def unwrap(model):
+    """The model under a DDP wrapper, if any."""
+    return getattr(model, "module", model)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name; tied weights (embeddings = LM head) stored once."""
+    out, seen = {}, set()
+    for name, p in unwrap(model).named_parameters():
+        if p.requires_grad and p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            out[name] = p.detach().cpu().contiguous()
+    return out
+
+
+def save(directory: str | os.PathLike, model, state: dict, optimizer=None, scheduler=None) -> None:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(model), str(d / WEIGHTS))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, d / OPTIMIZER)
+    (d / STATE).write_text(json.dumps(state, indent=1))
+
+
+def load_weights(directory: str | os.PathLike, model) -> None:
+    """Load trainable weights into `model` (built from the same student config)."""
+    weights = load_file(str(Path(directory) / WEIGHTS))
+    missing = set(weights) - {n for n, _ in unwrap(model).named_parameters()}
+    if missing:
+        raise ValueError(f"checkpoint {directory} has weights the model lacks: {sorted(missing)[:5]}")
+    unwrap(model).load_state_dict(weights, strict=False)
+
+
+def load(directory: str | os.PathLike, model, optimizer=None, scheduler=None) -> dict:
+    """Restore weights (and optimizer/scheduler when given); returns the saved state dict."""
+    d = Path(directory)
+    load_weights(d, model)
+    if optimizer is not None and (d / OPTIMIZER).exists():
+        opt = torch.load(d / OPTIMIZER, weights_only=False)
+        optimizer.load_state_dict(opt["optimizer"])
+        if scheduler is not None and opt["scheduler"] is not None:
+            scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((d / STATE).read_text())
