@@ -16,7 +16,7 @@ from backpack.core.config import TeacherConfig
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
-from backpack.teachers.loader import resolve_model
+from backpack.teachers.loader import ResolvedModel, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,10 +49,25 @@ class HFTeacher:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TeacherError(self.replica, "device 'cuda' was asked for but torch sees no GPU here")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
-            self.model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=_DTYPES[cfg.dtype])
+            tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
+            model = AutoModelForCausalLM.from_pretrained(self.resolved.path, dtype=_DTYPES[cfg.dtype])
         except (OSError, ValueError, KeyError) as e:
             raise ModelNotFoundError(f"cannot load model {cfg.model!r}: {str(e).splitlines()[0]}") from None
+        self._attach(model, tokenizer)
+
+    @classmethod
+    def from_model(cls, name: str, model, tokenizer, fingerprint: str, batch_size: int = 8) -> "HFTeacher":
+        """Answer with an already loaded model (a student under evaluation, say) through the same code."""
+        self = cls.__new__(cls)
+        self.cfg = TeacherConfig(name=name, batch_size=batch_size)
+        self.name = self.replica = name
+        self.resolved = ResolvedModel("", fingerprint, name)
+        self.device = str(next(model.parameters()).device)
+        self._attach(model, tokenizer)
+        return self
+
+    def _attach(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

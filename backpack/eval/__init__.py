@@ -1,0 +1,1 @@
+"""Evaluating students against their teachers: metrics per version, reports and plots."""

@@ -1,0 +1,73 @@
+"""The run report: report.json (everything), report.md (a table a person reads), report.png (the curves)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+COLUMNS = [("version", "version", "{}"), ("step", "step", "{}"), ("nll", "NLL/token", "{:.3f}"),
+           ("perplexity", "perplexity", "{:.2f}"), ("chrf", "chrF vs teacher", "{:.1f}"),
+           ("kl_to_teacher", "KL to teacher", "{:.3f}"), ("params", "params (M)", "{:.1f}"),
+           ("gen_tokens_per_s", "gen tok/s", "{:.1f}")]
+
+
+def _cell(v, fmt: str, key: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return fmt.format(v / 1e6 if key == "params" else v)
+
+
+def write_report(out_dir: str | Path, run: str, evals: list[dict], training: list[dict], extra: dict) -> dict:
+    """Write the three report files; returns the report dict. `evals`: one metrics dict per version (with
+    'version' and 'step'); `training`: the logged training metrics (step, loss, ...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"run": run, "versions": evals, "training": training, **extra}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    lines = [f"# Backpack report: {run}", "", "| " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for e in evals:
+        lines.append("| " + " | ".join(_cell(e.get(k), f, k) for k, _, f in COLUMNS) + " |")
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        lines += ["", f"From version {first['version']} to {last['version']}: NLL {first['nll']:.3f} → "
+                      f"{last['nll']:.3f}, chrF {first['chrf']:.1f} → {last['chrf']:.1f}."]
+    for k, v in extra.items():
+        if not isinstance(v, (dict, list)):
+            lines.append(f"- {k}: {v}")
+    if evals and evals[-1].get("samples"):
+        lines += ["", "## Samples (last version)", ""]
+        for s in evals[-1]["samples"]:
+            lines += [f"**Prompt:** {s['prompt']}", "", f"- teacher: {s['teacher']}", f"- student: {s['student']}", ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "report.png", evals, training)
+    return report
+
+
+def _plot(path: Path, evals: list[dict], training: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if training:
+        a.plot([t["step"] for t in training], [t["loss"] for t in training], label="loss")
+        if any(t.get("kd") for t in training):
+            a.plot([t["step"] for t in training], [t["kd"] for t in training], label="KD")
+        a.plot([t["step"] for t in training], [t["ce"] for t in training], label="CE", alpha=0.7)
+    a.set_xlabel("optimizer step")
+    a.set_title("training")
+    a.legend()
+    steps = [e.get("step") or 0 for e in evals]
+    b.plot(steps, [e["nll"] for e in evals], "o-", label="held-out NLL/token")
+    b.set_xlabel("step of version")
+    b.set_title("evaluation per version")
+    b2 = b.twinx()
+    b2.plot(steps, [e["chrf"] for e in evals], "s--", color="tab:green", label="chrF vs teacher")
+    b.legend(loc="upper left")
+    b2.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,99 @@
+"""Registry: student versions of a run.
+
+Each published checkpoint becomes version N (1, 2, ...; version 0 is the untrained base): its files are copied
+to `<run_dir>/students/v<N>/` (trainable weights as safetensors + state.json), its metadata (version, step,
+dataset version, metrics, base and tokenizer fingerprints) goes to a Redis hash, and an event is appended to the
+run's Redis stream `backpack:<run>:events`, which later services (server, continual evaluator) follow.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from backpack.runtime.redis_server import RunKeys, connect
+from backpack.student import checkpoints
+
+
+class Registry:
+    """Picklable (it connects lazily), so a Ray Train worker can publish versions as checkpoints are made."""
+
+    def __init__(self, redis_url: str, run: str, run_dir: str | Path):
+        self.redis_url = redis_url
+        self.run = run
+        self.keys = RunKeys(run)
+        self.root = Path(run_dir) / "students"
+        self._client = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = connect(self.redis_url)
+        return self._client
+
+    def publish(self, checkpoint_dir: str | Path, state: dict, base_fingerprint: str = "",
+                tokenizer_fingerprint: str = "") -> int:
+        """Copy a checkpoint's weights in as a new version; record it in Redis; emit an event."""
+        version = int(self.client.incr(self.keys("students", "next")))
+        target = self.root / f"v{version}"
+        tmp = self.root / f".v{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in (checkpoints.WEIGHTS, checkpoints.STATE):
+            shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
+        meta = {"version": version, "step": state.get("step"), "dataset_version": state.get("dataset_version"),
+                "metrics": {k: v for k, v in state.items() if isinstance(v, (int, float))},
+                "student": state.get("student"), "base_fingerprint": base_fingerprint,
+                "tokenizer_fingerprint": tokenizer_fingerprint, "path": str(target), "created_at": time.time()}
+        (tmp / "version.json").write_text(json.dumps(meta, indent=1))
+        tmp.rename(target)  # the version's files are complete before anyone can see it
+        self.client.hset(self.keys("students", f"v{version}"), mapping={"meta": json.dumps(meta)})
+        self.client.xadd(self.keys("events"), {"type": "student_version", "version": version,
+                                               "step": str(state.get("step"))})
+        return version
+
+    def get(self, version: int) -> dict:
+        raw = self.client.hget(self.keys("students", f"v{version}"), "meta")
+        if raw is None:
+            raise KeyError(f"no student version {version} in run {self.run!r}")
+        return json.loads(raw)
+
+    def versions(self) -> list[dict]:
+        n = int(self.client.get(self.keys("students", "next")) or 0)
+        out = []
+        for v in range(1, n + 1):
+            try:
+                out.append(self.get(v))
+            except KeyError:  # a publish that died between INCR and HSET
+                continue
+        return out
+
+    def latest(self) -> Optional[dict]:
+        vs = self.versions()
+        return vs[-1] if vs else None
+
+    def events(self, after: str = "-", count: int = 100) -> list[tuple[str, dict]]:
+        """Registry events after stream id `after` ("-" = from the start)."""
+        start = "-" if after == "-" else f"({after}"
+        return self.client.xrange(self.keys("events"), min=start, count=count)
+
+def load_version(meta: Optional[dict], student_cfg, merge: bool = False, device: str = "cpu"):
+    """A ready-to-generate Autopilot for a version (None = version 0, the untrained base). With `merge`, LoRA
+    adapters are folded into the base weights (a plain transformers model, faster to generate)."""
+    from backpack.core.config import StudentConfig
+    from backpack.student.autopilot import load_student
+
+    cfg = StudentConfig(**meta["student"]) if meta and meta.get("student") else student_cfg
+    ap = load_student(cfg, device=device)
+    if meta is not None:
+        checkpoints.load_weights(meta["path"], ap.model)
+    if merge and cfg.mode == "lora":
+        ap.model = ap.model.merge_and_unload()
+    ap.model.eval()
+    return ap
