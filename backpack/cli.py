@@ -1,6 +1,9 @@
 """The `backpack` command.
 
+    backpack run CONFIG [key=value ...]          generate, train the student, evaluate (a whole distillation)
     backpack generate CONFIG [key=value ...]     answer a prompt collection into a versioned dataset
+    backpack train CONFIG [key=value ...]        train the run's student (resumes from its last checkpoint)
+    backpack eval CONFIG [--version N]           score versions against the teacher, write the report
     backpack validate CONFIG [key=value ...]     check a config and print it resolved
     backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset
     backpack data export PATH --format jsonl     write a dataset as JSON lines
@@ -15,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Optional
 
 from backpack import __version__
@@ -91,6 +95,63 @@ def _dataset_path(path: str) -> str:
         else path
 
 
+def _print_report(report: dict) -> None:
+    from backpack.eval.report import COLUMNS, _cell
+
+    print(" | ".join(c[1] for c in COLUMNS))
+    for e in report["versions"]:
+        print(" | ".join(_cell(e.get(k), f, k) for k, _, f in COLUMNS))
+
+
+def cmd_train(args) -> int:
+    from backpack.core.config import load_config
+    from backpack.distill import train
+
+    cfg = load_config(args.config, args.overrides)
+    res = train(cfg, _BarReporter(args.quiet))
+    print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new student version(s): "
+          f"{res['versions'] or 'none'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from backpack.core.config import load_config
+    from backpack.distill import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    report = evaluate(cfg, [args.version] if args.version is not None else None, _BarReporter(args.quiet))
+    _print_report(report)
+    print(f"report: {cfg.run_dir / 'report' / 'report.md'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """generate (answered prompts are reused) -> train -> evaluate, then the report table."""
+    from backpack.core.config import load_config
+    from backpack.distill import evaluate, train
+    from backpack.pipeline import generate
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.student is None or cfg.training is None:
+        from backpack.errors import ConfigError
+
+        raise ConfigError(args.config, ["student, training: `backpack run` needs both sections"])
+    rep = _BarReporter(args.quiet)
+    t0 = time.perf_counter()
+    try:
+        gen = generate(cfg, rep)
+    finally:
+        rep.close()
+    print(f"dataset version {gen.version}: {gen.ok_rows} new answer(s), {gen.skipped} reused, "
+          f"{gen.failed_rows} failed")
+    res = train(cfg, rep)
+    print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new version(s): {res['versions'] or 'none'}")
+    report = evaluate(cfg, None, rep)
+    _print_report(report)
+    print(f"report: {cfg.run_dir / 'report' / 'report.md'} (whole run {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def cmd_data_show(args) -> int:
     from backpack.data.store import DatasetStore
 
@@ -151,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="field overrides, e.g. teachers.0.replicas=2")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("run", help="generate, train the student, evaluate: a whole distillation")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", help="train the run's student on its dataset (resumes from its last checkpoint)")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate student versions against the teacher and write the report")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--version", type=int, default=None, help="one version (default: all, and version 0)")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")

@@ -128,6 +128,9 @@ class RunConfig(_Section):
     prompts: PromptsConfig
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    student: Optional["StudentConfig"] = None      # needed by `backpack train` / `run`
+    training: Optional["TrainingConfig"] = None
+    eval: Optional["EvalConfig"] = None
 
     @model_validator(mode="after")
     def _unique_teachers(self):
@@ -309,3 +312,16 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(1, ge=0)             # worker-group restarts from the last checkpoint
     seed: int = 0
+
+
+class EvalConfig(_Section):
+    """How student versions are scored against the teacher on held-out prompts."""
+
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)  # share of prompts never trained on (by hash of query id)
+    max_rows: Optional[int] = Field(None, ge=1)       # evaluate on at most this many held-out rows
+    max_new_tokens: int = Field(64, ge=1)             # length of the student's greedy answers
+    batch_size: int = Field(8, ge=1)
+    every_version: bool = True                        # False: only version 0 and the last version
+
+
+RunConfig.model_rebuild()

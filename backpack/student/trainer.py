@@ -122,8 +122,12 @@ def train_loop_per_worker(config: dict) -> None:
             if step % tc.checkpoint_every == 0 or last:
                 with tempfile.TemporaryDirectory() as d:
                     if rank == 0:
-                        checkpoints.save(d, model, {**metrics, "student": config["student"],
-                                                    "dataset_version": config.get("dataset_version")}, opt, sched)
+                        state = {**metrics, "student": config["student"],
+                                 "dataset_version": config.get("dataset_version")}
+                        checkpoints.save(d, model, state, opt, sched)
+                        if config.get("registry") is not None:  # every checkpoint becomes a student version
+                            config["registry"].publish(d, state, student.base.fingerprint,
+                                                       student.tokenizer_fingerprint)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
             else:
                 ray.train.report(metrics)
@@ -143,7 +147,7 @@ class TrainResult:
 
 def run_training(dataset, student: StudentConfig, training: TrainingConfig, storage: str | os.PathLike,
                  name: str, resume_from: Optional[str] = None, dataset_version: Optional[int] = None,
-                 metrics_file: Optional[str] = None, same_tokenizer: bool = True,
+                 metrics_file: Optional[str] = None, same_tokenizer: bool = True, registry=None,
                  test_hooks: Optional[dict] = None) -> TrainResult:
     """Fit the student on `dataset` (a Ray Dataset of DATASET_SCHEMA rows). Each call is a new Ray Train run
     with a unique name under `storage`; `resume_from` continues from an earlier run's checkpoint."""
@@ -153,7 +157,7 @@ def run_training(dataset, student: StudentConfig, training: TrainingConfig, stor
     t0 = time.perf_counter()
     config = {"student": student.model_dump(), "training": training.model_dump(), "resume_from": resume_from,
               "dataset_version": dataset_version, "metrics_file": metrics_file, "same_tokenizer": same_tokenizer,
-              **(test_hooks or {})}
+              "registry": registry, **(test_hooks or {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

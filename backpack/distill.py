@@ -1,0 +1,198 @@
+"""Training and evaluating a run's student: what `backpack train`, `backpack eval` and `backpack run` call.
+
+train: checks everything it can before Ray Train starts (a dataset with usable rows, a loadable student, a
+tokenizer shared with the teachers when token-level KD is asked for, teacher logprobs deep enough), then fits
+the student on the non-held-out rows, publishing each checkpoint as a registry version. evaluate: scores
+version 0 (the untrained base) and every version on the held-out rows and writes the report. A rerun resumes
+training from the run's latest checkpoint and reuses evaluations already made.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from backpack.core.config import EvalConfig, RunConfig, TrainingConfig
+from backpack.data.store import DatasetStore
+from backpack.errors import ConfigError, DatasetError, InputError
+from backpack.pipeline import Reporter, redis_for, run_lock
+from backpack.runtime import ray_runtime
+
+
+def _need(cfg: RunConfig, *sections: str) -> None:
+    missing = [s for s in sections if getattr(cfg, s) is None]
+    if missing:
+        raise ConfigError(cfg.name, [f"{s}: required for this command (add a '{s}:' section)" for s in missing])
+
+
+def _split(cfg: RunConfig, store: DatasetStore):
+    """(train rows table, held-out ok rows as dicts), split deterministically by query id."""
+    import pyarrow as pa
+
+    from backpack.eval.evaluate import is_heldout
+
+    table = store.read()
+    if table.num_rows == 0:
+        raise DatasetError(f"dataset {store.uri} is empty: run `backpack generate` first")
+    frac = (cfg.eval or EvalConfig()).heldout_fraction
+    held = pa.array([is_heldout(q, frac) for q in table.column("query_id").to_pylist()])
+    return table.filter(pa.compute.invert(held)), [r for r in table.filter(held).to_pylist() if r["status"] == "ok"]
+
+
+def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    from transformers import AutoTokenizer
+
+    from backpack.student.autopilot import tokenizer_fingerprint
+    from backpack.teachers.loader import resolve_model
+
+    return {t.name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(t.model).path))
+            for t in cfg.teachers}
+
+
+def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig, bool]:
+    """Checks before Ray Train starts. Returns the training config to use and whether teacher token ids can be
+    used as-is (shared tokenizer)."""
+    from backpack.student.autopilot import load_student
+    from backpack.student.examples import build_examples
+
+    tc = cfg.training
+    student = load_student(cfg.student)  # a missing base, a bad LoRA target, bad layers: clear errors here
+    teachers = teacher_tokenizer_fingerprints(cfg)
+    same = all(fp == student.tokenizer_fingerprint for fp in teachers.values())
+    if not same:
+        names = [n for n, fp in teachers.items() if fp != student.tokenizer_fingerprint]
+        if tc.kd_weight > 0 and tc.on_tokenizer_mismatch == "error":
+            raise InputError(f"token-level KD (training.kd_weight={tc.kd_weight}) needs the student to share its "
+                             f"tokenizer with the teachers, but {names} use another one; set "
+                             "training.on_tokenizer_mismatch=sequence_level to train on their text instead")
+        rep.stage(f"teachers {names} use another tokenizer: training on their text only (sequence-level KD)")
+        tc = tc.model_copy(update={"kd_weight": 0.0})
+    rows = train_rows.to_pylist()
+    examples, stats = build_examples(rows, student.tokenizer, tc.max_len, same, use_logprobs=False)
+    if not examples:
+        raise InputError(f"no usable training rows: {stats.rows} row(s), {stats.failed_rows} failed, "
+                         f"{stats.too_long_prompt} with a prompt longer than training.max_len={tc.max_len}")
+    if stats.truncated:
+        rep.stage(f"warning: {stats.truncated} of {stats.used} training sequence(s) are longer than "
+                  f"training.max_len={tc.max_len} and were truncated")
+    if tc.kd_weight > 0:
+        depth = min((len(r["top_ids"][0]) for r in rows if r["status"] == "ok" and r["top_ids"]), default=0)
+        if depth < tc.top_k:
+            raise InputError(f"training.top_k={tc.top_k} but the dataset stores {depth} logprobs per token: "
+                             f"regenerate with decoding.logprobs >= {tc.top_k} or lower training.top_k")
+    return tc, same
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[tuple[str, int]]:
+    """(directory, step) of the newest Ray Train checkpoint of this run, if any."""
+    best = None
+    for state in glob.glob(str(run_dir / "train" / "*" / "checkpoint_*" / "state.json")):
+        step = json.loads(Path(state).read_text()).get("step", 0)
+        if best is None or step > best[1]:
+            best = (str(Path(state).parent), step)
+    return best
+
+
+def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
+    """Train the run's student on its dataset. Returns {"step", "versions", "seconds"}."""
+    _need(cfg, "student", "training")
+    rep = reporter or Reporter()
+    with run_lock(cfg):
+        store = DatasetStore(str(cfg.dataset_dir), create=False)
+        train_rows, _ = _split(cfg, store)
+        tc, same = preflight(cfg, train_rows, rep)
+        resume = latest_checkpoint(cfg.run_dir)
+        if resume and resume[1] >= tc.max_steps:
+            rep.stage(f"already trained to step {resume[1]} (training.max_steps={tc.max_steps}): nothing to do")
+            return {"step": resume[1], "versions": [], "seconds": 0.0}
+        import ray
+
+        from backpack.eval.evaluate import is_heldout
+        from backpack.student.registry import Registry
+        from backpack.student.trainer import run_training
+
+        frac = (cfg.eval or EvalConfig()).heldout_fraction
+        with redis_for(cfg) as redis_url:
+            started = ray_runtime.connect(cfg.ray)
+            try:
+                need = {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0}
+                ray_runtime.check_placement([(f"training worker {i}", {k: v for k, v in need.items() if v})
+                                             for i in range(tc.num_workers)])
+                registry = Registry(redis_url, cfg.name, cfg.run_dir)
+                before = {m["version"] for m in registry.versions()}
+                ds = store.to_ray_dataset().filter(
+                    lambda r: r["status"] == "ok" and not is_heldout(r["query_id"], frac))
+                rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
+                          + (f", resuming from step {resume[1]}" if resume else "") + ")")
+                res = run_training(ds, cfg.student, tc, cfg.run_dir / "train", cfg.name,
+                                   resume_from=resume[0] if resume else None, dataset_version=store.version,
+                                   metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
+                                   same_tokenizer=same, registry=registry)
+                new = [m["version"] for m in registry.versions() if m["version"] not in before]
+            finally:
+                if started:
+                    ray.shutdown()
+    return {"step": res.step, "versions": new, "seconds": res.seconds}
+
+
+def _eval_key(cfg: RunConfig) -> str:
+    ec = cfg.eval or EvalConfig()
+    return hashlib.sha256(json.dumps([ec.model_dump(), cfg.training.max_len if cfg.training else 512])
+                          .encode()).hexdigest()[:12]
+
+
+def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Optional[Reporter] = None) -> dict:
+    """Score version 0 and the run's versions (or `versions`) on held-out rows; write the report."""
+    import torch
+
+    from backpack.eval.evaluate import evaluate_model
+    from backpack.eval.report import write_report
+    from backpack.student.registry import Registry, load_version
+
+    _need(cfg, "student")
+    rep = reporter or Reporter()
+    ec = cfg.eval or EvalConfig()
+    torch.set_num_threads(os.cpu_count() or 1)
+    store = DatasetStore(str(cfg.dataset_dir), create=False)
+    _, held = _split(cfg, store)
+    held = sorted(held, key=lambda r: r["query_id"])[: ec.max_rows]
+    if not held:
+        raise InputError(f"no held-out rows to evaluate on (eval.heldout_fraction={ec.heldout_fraction} of "
+                         f"{store.read(columns=['query_id']).num_rows} rows): generate more prompts or raise it")
+    out_dir = cfg.run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = _eval_key(cfg)
+    with redis_for(cfg) as redis_url:
+        metas = {m["version"]: m for m in Registry(redis_url, cfg.name, cfg.run_dir).versions()}
+    wanted = versions if versions is not None else sorted(metas)
+    if versions is None and not ec.every_version and wanted:
+        wanted = [wanted[-1]]
+    unknown = [v for v in wanted if v != 0 and v not in metas]
+    if unknown:
+        raise InputError(f"no student version(s) {unknown} in run {cfg.name!r} (it has {sorted(metas) or 'none'})")
+    results = []
+    for v in [0] + [v for v in wanted if v != 0]:
+        cache = out_dir / f"v{v}-{key}.json"
+        if cache.exists():
+            results.append(json.loads(cache.read_text()))
+            continue
+        rep.stage(f"evaluating version {v} on {len(held)} held-out prompt(s)")
+        meta = metas.get(v)
+        ap = load_version(meta, cfg.student, merge=True)
+        m = evaluate_model(ap.model, ap.tokenizer, held, f"student-v{v}", ec.max_new_tokens,
+                           cfg.training.max_len if cfg.training else 512,
+                           top_k=cfg.training.top_k if cfg.training else 4, batch_size=ec.batch_size)
+        m.update(version=v, step=meta["step"] if meta else 0)
+        cache.write_text(json.dumps(m))
+        results.append(m)
+    training = [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()] \
+        if (cfg.run_dir / "train" / "metrics.jsonl").exists() else []
+    report = write_report(cfg.run_dir / "report", cfg.name, results, training,
+                          {"dataset_version": store.version, "heldout_rows": len(held),
+                           "student": cfg.student.model_dump()})
+    return report
+
