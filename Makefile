@@ -1,4 +1,4 @@
-# The two set-up commands: `make demo` runs the quickstart, `make test` runs the test suite.
+# The two set-up commands: `make demo` runs the quickstart (a whole distillation), `make test` the test suite.
 # Each creates .venv when it is missing and installs Backpack into it first.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/backpack generate examples/quickstart.yaml
-	$(VENV)/bin/backpack data show runs/quickstart/dataset
+	$(VENV)/bin/backpack run examples/quickstart.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
