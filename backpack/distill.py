@@ -18,7 +18,7 @@ from typing import Optional
 
 from backpack.core.config import EvalConfig, RunConfig, TrainingConfig
 from backpack.data.store import DatasetStore
-from backpack.errors import ConfigError, DatasetError, InputError
+from backpack.errors import BackpackError, ConfigError, DatasetError, InputError
 from backpack.pipeline import Reporter, redis_for, run_lock
 from backpack.runtime import ray_runtime
 
@@ -87,6 +87,12 @@ def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig
     return tc, same
 
 
+def _last_error(err: BaseException) -> str:
+    """The innermost error line of a Ray Train failure (its message carries the worker's traceback)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if "Error" in ln and not ln.strip().startswith("File ")]
+    return lines[-1] if lines else type(err).__name__
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[tuple[str, int]]:
     """(directory, step) of the newest Ray Train checkpoint of this run, if any."""
     best = None
@@ -110,6 +116,7 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
             rep.stage(f"already trained to step {resume[1]} (training.max_steps={tc.max_steps}): nothing to do")
             return {"step": resume[1], "versions": [], "seconds": 0.0}
         import ray
+        import ray.train
 
         from backpack.eval.evaluate import is_heldout
         from backpack.student.registry import Registry
@@ -128,10 +135,15 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
                     lambda r: r["status"] == "ok" and not is_heldout(r["query_id"], frac))
                 rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
                           + (f", resuming from step {resume[1]}" if resume else "") + ")")
-                res = run_training(ds, cfg.student, tc, cfg.run_dir / "train", cfg.name,
-                                   resume_from=resume[0] if resume else None, dataset_version=store.version,
-                                   metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
-                                   same_tokenizer=same, registry=registry)
+                (cfg.run_dir / "train").mkdir(parents=True, exist_ok=True)
+                try:
+                    res = run_training(ds, cfg.student, tc, cfg.run_dir / "train", cfg.name,
+                                       resume_from=resume[0] if resume else None, dataset_version=store.version,
+                                       metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
+                                       same_tokenizer=same, registry=registry)
+                except ray.train.TrainingFailedError as e:
+                    raise BackpackError(f"training failed after {tc.max_failures} restart(s): {_last_error(e)}; "
+                                        "rerun the same command to resume from the last checkpoint") from None
                 new = [m["version"] for m in registry.versions() if m["version"] not in before]
             finally:
                 if started:

@@ -131,10 +131,11 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     started_ray, scheduler = False, None
     with redis_for(cfg) as redis_url:
         try:
-            rep.stage("starting Ray" if cfg.ray.address is None else f"connecting to Ray at {cfg.ray.address}")
+            local = ray_runtime.is_local(cfg.ray)
+            rep.stage("starting Ray" if local else f"connecting to Ray at {ray_runtime.target_address(cfg.ray)}")
             started_ray = ray_runtime.connect(cfg.ray)
             ray_runtime.check_placement(pool.demands())
-            if cfg.ray.address is None:
+            if local:
                 rep.stage("preparing teacher models (a GGUF is converted once, then cached)")
                 prepare_models(cfg)
             n = sum(t.replicas for t in cfg.teachers)

@@ -35,7 +35,7 @@ def test_minimal_config_gets_defaults(tmp_path):
     assert cfg.teachers[0].backend == "hf" and cfg.teachers[0].model == "default"
     assert cfg.ray.address is None and cfg.redis.url is None
     assert cfg.decoding.params().greedy
-    assert cfg.dataset_dir == Path("runs") / "t" / "dataset"
+    assert cfg.dataset_dir == Path.cwd() / "runs" / "t" / "dataset"  # absolute: workers have other cwds
 
 
 def test_every_problem_is_listed_with_its_path(tmp_path):

@@ -142,7 +142,8 @@ class RunConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.storage.path).expanduser() / self.name
+        """Absolute: actors and Ray Train workers do not share the driver's working directory."""
+        return Path(self.storage.path).expanduser().absolute() / self.name
 
     @property
     def dataset_dir(self) -> Path:

@@ -33,25 +33,36 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise BackpackError(f"cannot reach the Ray cluster at {address!r}: {e.strerror or e}") from None
 
 
+def target_address(cfg: RayConfig) -> str | None:
+    """The cluster a run joins: `ray.address`, else $RAY_ADDRESS (set inside a Ray Job), else None (a local
+    cluster is started)."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def is_local(cfg: RayConfig) -> bool:
+    return target_address(cfg) is None
+
+
 def connect(cfg: RayConfig) -> bool:
-    """Start a local Ray cluster (no address) or connect to `cfg.address`. Returns True if this call started
-    or connected Ray (the caller then shuts it down), False if Ray was already initialised (e.g. by tests)."""
+    """Start a local Ray cluster (no address) or connect to the target address. Returns True if this call
+    started or connected Ray (the caller then shuts it down), False if Ray was already initialised."""
     import ray
 
     if ray.is_initialized():
         return False
+    address = target_address(cfg)
     # Ray prints banners and deduplicated worker logs; a CLI run wants only its own progress bar.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(namespace=cfg.namespace or DEFAULT_NAMESPACE, logging_level=logging.ERROR,
                   log_to_driver=bool(os.environ.get("BACKPACK_ACTOR_LOGS")))
     try:
-        if cfg.address is None:
+        if address is None:
             ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, **kwargs)
         else:
-            check_reachable(cfg.address)
-            ray.init(address=cfg.address, **kwargs)
+            check_reachable(address)
+            ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = cfg.address or "a local cluster"
+        where = address or "a local cluster"
         raise BackpackError(f"cannot start or connect to Ray at {where}: {e}") from None
     return True
 

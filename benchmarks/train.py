@@ -1,0 +1,132 @@
+"""Student training throughput: Ray Train (1 and 2 workers) against a plain single-process PyTorch loop.
+
+    .venv/bin/python benchmarks/train.py [--dataset runs/quickstart/dataset] [--steps 12] [--batch-size 8]
+
+Same student (the quickstart's: SmolLM2-135M with every other layer, trained in full), same rows, same loss
+(CE + top-k KD), same total torch threads. Throughput is answer tokens trained per second at steady state
+(the first step of each run is left out as warm-up); the Ray Train start-up cost is its fit() wall time minus
+the time its steps took. Goal: Ray Train with one worker reaches at least 0.90x the plain loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dataset_rows(path: Path, n: int):
+    from backpack.data.store import DatasetStore
+
+    if (path / "manifest.json").exists():
+        return DatasetStore(path, create=False)
+    # no quickstart dataset yet: make a small one with the default teacher, in-process
+    from backpack.core.config import TeacherConfig
+    from backpack.core.prompts import read_prompts
+    from backpack.core.schema import queries_to_table
+    from backpack.core.types import DecodingParams
+    from backpack.teachers.hf import HFTeacher
+
+    qs, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=48, logprobs=4), limit=n)
+    store = DatasetStore(Path(tempfile.mkdtemp()) / "ds")
+    store.append(HFTeacher(TeacherConfig(name="smol", threads=os.cpu_count() or 2, batch_size=16))
+                 .generate(queries_to_table(qs)))
+    return store
+
+
+def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
+    """Answer tokens/s of a plain loop, steps 2..N."""
+    import torch
+
+    from backpack.student.autopilot import load_student
+    from backpack.student.examples import build_examples, collate
+    from backpack.student.step import student_loss
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    st = load_student(student_cfg)
+    examples, _ = build_examples(rows, st.tokenizer, tc.max_len, True, tc.kd_weight > 0)
+    opt = torch.optim.AdamW([p for p in st.model.parameters() if p.requires_grad], lr=tc.lr)
+    st.model.train()
+    tokens, t0 = 0, None
+    for step in range(steps):
+        i = (step * tc.batch_size) % max(1, len(examples) - tc.batch_size)
+        batch = collate(examples[i:i + tc.batch_size], st.tokenizer.pad_token_id, tc.top_k)
+        loss, m = student_loss(st.model, batch, tc.kd_weight, tc.divergence)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            t0 = time.perf_counter()  # warm-up step excluded
+        else:
+            tokens += m["tokens"]
+    return tokens / (time.perf_counter() - t0)
+
+
+def ray_train(store, student_cfg, tc, workers: int, threads: int, steps: int) -> tuple[float, float]:
+    """(answer tokens/s at steady state summed over workers, start-up seconds) of one Ray Train fit."""
+    from backpack.student.trainer import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = Path(tmp) / "m.jsonl"
+        cfg = tc.model_copy(update={"num_workers": workers, "threads_per_worker": threads, "max_steps": steps,
+                                    "log_every": 1, "checkpoint_every": 10_000, "cpus_per_worker": 1.0 / workers})
+        res = run_training(store.to_ray_dataset(), student_cfg, cfg, Path(tmp) / "train", "bench",
+                           metrics_file=str(metrics))
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    # one window per step (log_every=1), counted on rank 0; every worker trains its own batch meanwhile
+    prev, windows = 0, []
+    for m in logged:
+        tokens = m["tokens_seen"] - prev
+        prev = m["tokens_seen"]
+        windows.append((tokens, tokens / m["tokens_per_s"]))
+    steady_tokens = sum(t for t, _ in windows[1:])
+    steady_seconds = sum(s for _, s in windows[1:])
+    startup = res.seconds - sum(s for _, s in windows)
+    return steady_tokens / steady_seconds * workers, startup
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default=str(REPO / "runs" / "quickstart" / "dataset"))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+
+    import ray
+
+    from backpack.core.config import StudentConfig, TrainingConfig
+
+    store = dataset_rows(Path(args.dataset), 64)
+    rows = [r for r in store.read().to_pylist() if r["status"] == "ok"]
+    student = StudentConfig(mode="full", layers="every_other")
+    tc = TrainingConfig(batch_size=args.batch_size, max_len=256, kd_weight=0.5, top_k=4, lr=3e-4)
+    print(f"{len(rows)} rows, batch {args.batch_size}, {args.steps} steps, {args.threads} threads in all", flush=True)
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    base = plain_loop(rows, student, tc, args.steps, args.threads)
+    results = [("plain PyTorch loop (baseline)", "1x" + str(args.threads), base, 0.0)]
+    for workers in (1, 2):
+        if args.threads % workers:
+            continue
+        rate, startup = ray_train(store, student, tc, workers, args.threads // workers, args.steps)
+        results.append(("Ray Train", f"{workers}x{args.threads // workers}", rate, startup))
+    ray.shutdown()
+    print(f"\n{'path':32} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11}")
+    for name, shape, rate, startup in results:
+        print(f"{name:32} {shape:>18} {rate:8.1f} {rate / base:6.2f} {startup:11.1f}")
+    one = results[1][2] / base
+    print(f"\ngoal: Ray Train, 1 worker >= 0.90x the plain loop at steady state: {one:.2f}x -> "
+          f"{'met' if one >= 0.9 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

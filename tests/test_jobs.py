@@ -1,0 +1,87 @@
+"""`ray job submit` of jobs/distill.py to a `ray start --head` cluster started by the test: a tiny
+distillation runs to completion and its logs and report are retrievable. Runs last (it starts its own head)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, REPO
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A Ray head started with `ray start --head --block`, stopped (with its processes) at the end."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    gcs, dash = free_port(), free_port()
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=3", "--block",
+                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("the Ray head's dashboard did not come up")
+    yield url, env
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+def test_ray_job_submit_distill(head, tmp_path, smol_dir, tiny_model_dir):
+    url, env = head
+    cfg = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
+    cfg.update(name="job", storage={"path": str(tmp_path / "runs")})
+    cfg["teachers"][0].update(replicas=1, threads=1)
+    cfg["prompts"].update(limit=10)
+    cfg["decoding"].update(max_new_tokens=8)
+    cfg["student"] = {"base": tiny_model_dir, "mode": "full"}
+    cfg["training"].update(max_steps=2, checkpoint_every=2, batch_size=4, threads_per_worker=1)
+    cfg["eval"].update(max_rows=3, max_new_tokens=8, heldout_fraction=0.3)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    ray = str(Path(sys.executable).parent / "ray")
+    submit = subprocess.run([ray, "job", "submit", "--address", url, "--working-dir", str(REPO), "--no-wait",
+                             "--", "python", "-m", "jobs.distill", "--config", str(config)],
+                            env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    job_id = [w for w in submit.stdout.split() if w.startswith("raysubmit_")][0]
+    deadline = time.monotonic() + 480
+    status = ""
+    while time.monotonic() < deadline:
+        status = subprocess.run([ray, "job", "status", "--address", url, job_id], env=env, capture_output=True,
+                                text=True, timeout=60).stdout
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "NLL/token" in logs and "report:" in logs
+    report = json.loads((tmp_path / "runs" / "job" / "report" / "report.json").read_text())
+    assert [v["version"] for v in report["versions"]] == [0, 1]
