@@ -3,9 +3,11 @@ distillation runs to completion and its logs and report are retrievable. Runs la
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,9 +32,11 @@ def head(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     gcs, dash = free_port(), free_port()
+    # Ray puts Unix sockets under its temp dir: pytest's tmp_path is too long for a socket path (107 bytes)
+    temp = tempfile.mkdtemp(prefix="bpr-", dir="/tmp")
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=3", "--block",
-                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -51,6 +55,7 @@ def head(tmp_path):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_job_submit_distill(head, tmp_path, smol_dir, tiny_model_dir):
@@ -66,22 +71,22 @@ def test_ray_job_submit_distill(head, tmp_path, smol_dir, tiny_model_dir):
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
     ray = str(Path(sys.executable).parent / "ray")
+    job_id = f"backpack-test-{os.getpid()}"
     submit = subprocess.run([ray, "job", "submit", "--address", url, "--working-dir", str(REPO), "--no-wait",
+                             "--submission-id", job_id,
                              "--", "python", "-m", "jobs.distill", "--config", str(config)],
                             env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert submit.returncode == 0, submit.stderr[-2000:]
-    job_id = [w for w in submit.stdout.split() if w.startswith("raysubmit_")][0]
+    # The job's status and logs come from the dashboard's REST API: `ray job status` logs to stderr, in prose.
     deadline = time.monotonic() + 480
     status = ""
     while time.monotonic() < deadline:
-        status = subprocess.run([ray, "job", "status", "--address", url, job_id], env=env, capture_output=True,
-                                text=True, timeout=60).stdout
-        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = json.load(urllib.request.urlopen(f"{url}/api/jobs/{job_id}", timeout=10))["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(3)
-    logs = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env, capture_output=True, text=True,
-                          timeout=60).stdout
-    assert "SUCCEEDED" in status, logs[-3000:]
+    logs = json.load(urllib.request.urlopen(f"{url}/api/jobs/{job_id}/logs", timeout=10))["logs"]
+    assert status == "SUCCEEDED", logs[-3000:]
     assert "NLL/token" in logs and "report:" in logs
     report = json.loads((tmp_path / "runs" / "job" / "report" / "report.json").read_text())
     assert [v["version"] for v in report["versions"]] == [0, 1]
