@@ -261,6 +261,9 @@ def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
+    # transformers draws a bar for every model load (under a second once converted); the run's stages say what
+    # happens. Set before transformers is imported, which reads it once.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except BackpackError as e:

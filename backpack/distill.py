@@ -9,6 +9,7 @@ training from the run's latest checkpoint and reuses evaluations already made.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -93,6 +94,31 @@ def _last_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def training_rows(batch, fraction: float):
+    """The rows of an Arrow batch that training may see: answered, and not held out for evaluation."""
+    import pyarrow as pa
+
+    from backpack.eval.evaluate import is_heldout
+
+    keep = [status == "ok" and not is_heldout(qid, fraction)
+            for status, qid in zip(batch.column("status").to_pylist(), batch.column("query_id").to_pylist())]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+def training_dataset(store: DatasetStore, fraction: float):
+    """The Ray Dataset training reads: the store's trainable rows, filtered on Arrow batches (not row by row)
+    and materialized in the object store first. A batch run reads its data once this way, and the training
+    steps then share no CPU with Ray Data's read and filter tasks (on a small machine they slowed every step)."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and progress are not the run's news
+    return store.to_ray_dataset().map_batches(functools.partial(training_rows, fraction=fraction),
+                                              batch_format="pyarrow").materialize()
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[tuple[str, int]]:
     """(directory, step) of the newest Ray Train checkpoint of this run, if any."""
     best = None
@@ -118,7 +144,6 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         import ray
         import ray.train
 
-        from backpack.eval.evaluate import is_heldout
         from backpack.student.registry import Registry
         from backpack.student.trainer import run_training
 
@@ -131,8 +156,7 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
                                              for i in range(tc.num_workers)])
                 registry = Registry(redis_url, cfg.name, cfg.run_dir)
                 before = {m["version"] for m in registry.versions()}
-                ds = store.to_ray_dataset().filter(
-                    lambda r: r["status"] == "ok" and not is_heldout(r["query_id"], frac))
+                ds = training_dataset(store, frac)
                 rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
                           + (f", resuming from step {resume[1]}" if resume else "") + ")")
                 (cfg.run_dir / "train").mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ def dataset_rows(path: Path, n: int):
 
 
 def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
-    """Answer tokens/s of a plain loop, steps 2..N."""
+    """Answer tokens/s of a plain loop, steps 2..N. Like a Ray Train worker it builds each batch's examples
+    (tokenisation, top-k tensors) as it goes, so both paths do the same work per step."""
     import torch
 
     from backpack.student.autopilot import load_student
@@ -52,13 +53,13 @@ def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     st = load_student(student_cfg)
-    examples, _ = build_examples(rows, st.tokenizer, tc.max_len, True, tc.kd_weight > 0)
     opt = torch.optim.AdamW([p for p in st.model.parameters() if p.requires_grad], lr=tc.lr)
     st.model.train()
     tokens, t0 = 0, None
     for step in range(steps):
-        i = (step * tc.batch_size) % max(1, len(examples) - tc.batch_size)
-        batch = collate(examples[i:i + tc.batch_size], st.tokenizer.pad_token_id, tc.top_k)
+        i = (step * tc.batch_size) % max(1, len(rows) - tc.batch_size)
+        examples, _ = build_examples(rows[i:i + tc.batch_size], st.tokenizer, tc.max_len, True, tc.kd_weight > 0)
+        batch = collate(examples, st.tokenizer.pad_token_id, tc.top_k)
         loss, m = student_loss(st.model, batch, tc.kd_weight, tc.divergence)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
@@ -71,27 +72,29 @@ def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def ray_train(store, student_cfg, tc, workers: int, threads: int, steps: int) -> tuple[float, float]:
-    """(answer tokens/s at steady state summed over workers, start-up seconds) of one Ray Train fit."""
+def ray_train(store, student_cfg, tc, workers: int, threads: int, steps: int) -> tuple[float, float, float]:
+    """(answer tokens/s at steady state summed over workers, start-up seconds, share of steady-state time rank 0
+    spent waiting for its input) of one Ray Train fit."""
+    from backpack.distill import training_dataset
     from backpack.student.trainer import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
         cfg = tc.model_copy(update={"num_workers": workers, "threads_per_worker": threads, "max_steps": steps,
                                     "log_every": 1, "checkpoint_every": 10_000, "cpus_per_worker": 1.0 / workers})
-        res = run_training(store.to_ray_dataset(), student_cfg, cfg, Path(tmp) / "train", "bench",
+        res = run_training(training_dataset(store, 0.0), student_cfg, cfg, Path(tmp) / "train", "bench",
                            metrics_file=str(metrics))
         logged = [json.loads(line) for line in metrics.read_text().splitlines()]
-    # one window per step (log_every=1), counted on rank 0; every worker trains its own batch meanwhile
+    # one window per step (log_every=1), measured on rank 0; every worker trains its own batch meanwhile
     prev, windows = 0, []
     for m in logged:
-        tokens = m["tokens_seen"] - prev
+        windows.append((m["tokens_seen"] - prev, m["window_s"], m["data_wait_s"]))
         prev = m["tokens_seen"]
-        windows.append((tokens, tokens / m["tokens_per_s"]))
-    steady_tokens = sum(t for t, _ in windows[1:])
-    steady_seconds = sum(s for _, s in windows[1:])
-    startup = res.seconds - sum(s for _, s in windows)
-    return steady_tokens / steady_seconds * workers, startup
+    steady = windows[1:]
+    seconds = sum(w[1] for w in steady)
+    startup = res.seconds - sum(w[1] for w in windows)
+    return sum(w[0] for w in steady) / seconds * workers, startup, sum(w[2] for w in steady) / seconds
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,16 +115,16 @@ def main() -> int:
     print(f"{len(rows)} rows, batch {args.batch_size}, {args.steps} steps, {args.threads} threads in all", flush=True)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     base = plain_loop(rows, student, tc, args.steps, args.threads)
-    results = [("plain PyTorch loop (baseline)", "1x" + str(args.threads), base, 0.0)]
+    results = [("plain PyTorch loop (baseline)", "1x" + str(args.threads), base, 0.0, 0.0)]
     for workers in (1, 2):
         if args.threads % workers:
             continue
-        rate, startup = ray_train(store, student, tc, workers, args.threads // workers, args.steps)
-        results.append(("Ray Train", f"{workers}x{args.threads // workers}", rate, startup))
+        rate, startup, wait = ray_train(store, student, tc, workers, args.threads // workers, args.steps)
+        results.append(("Ray Train", f"{workers}x{args.threads // workers}", rate, startup, wait))
     ray.shutdown()
-    print(f"\n{'path':32} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11}")
-    for name, shape, rate, startup in results:
-        print(f"{name:32} {shape:>18} {rate:8.1f} {rate / base:6.2f} {startup:11.1f}")
+    print(f"\n{'path':32} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11} {'input wait':>11}")
+    for name, shape, rate, startup, wait in results:
+        print(f"{name:32} {shape:>18} {rate:8.1f} {rate / base:6.2f} {startup:11.1f} {wait:10.0%}")
     one = results[1][2] / base
     print(f"\ngoal: Ray Train, 1 worker >= 0.90x the plain loop at steady state: {one:.2f}x -> "
           f"{'met' if one >= 0.9 else 'NOT met'}")

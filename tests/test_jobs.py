@@ -1,5 +1,5 @@
 """`ray job submit` of jobs/distill.py to a `ray start --head` cluster started by the test: a tiny
-distillation runs to completion and its logs and report are retrievable. Runs last (it starts its own head)."""
+distillation runs to completion and its logs and report are retrievable."""
 
 import json
 import os
@@ -32,11 +32,17 @@ def head(tmp_path):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     gcs, dash = free_port(), free_port()
+    # The test session's own Ray cluster holds Ray's default agent ports: a second head on the default ports
+    # has no job agent ("No available agent to submit job"), so every port this head opens is a free one.
+    ports = [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port",
+                                                    "node-manager-port", "object-manager-port",
+                                                    "ray-client-server-port")]
     # Ray puts Unix sockets under its temp dir: pytest's tmp_path is too long for a socket path (107 bytes)
     temp = tempfile.mkdtemp(prefix="bpr-", dir="/tmp")
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=3", "--block",
-                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--disable-usage-stats", f"--temp-dir={temp}", *ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -72,10 +78,15 @@ def test_ray_job_submit_distill(head, tmp_path, smol_dir, tiny_model_dir):
     config.write_text(yaml.safe_dump(cfg))
     ray = str(Path(sys.executable).parent / "ray")
     job_id = f"backpack-test-{os.getpid()}"
-    submit = subprocess.run([ray, "job", "submit", "--address", url, "--working-dir", str(REPO), "--no-wait",
-                             "--submission-id", job_id,
-                             "--", "python", "-m", "jobs.distill", "--config", str(config)],
-                            env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    # the dashboard answers before the node's job agent is up: submission says "No available agent" until then
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run([ray, "job", "submit", "--address", url, "--working-dir", str(REPO), "--no-wait",
+                                 "--submission-id", job_id, "--", "python", "-m", "jobs.distill", "--config",
+                                 str(config)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stderr[-2000:]
     # The job's status and logs come from the dashboard's REST API: `ray job status` logs to stderr, in prose.
     deadline = time.monotonic() + 480

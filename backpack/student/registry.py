@@ -83,13 +83,17 @@ class Registry:
         start = "-" if after == "-" else f"({after}"
         return self.client.xrange(self.keys("events"), min=start, count=count)
 
-def load_version(meta: Optional[dict], student_cfg, merge: bool = False, device: str = "cpu"):
-    """A ready-to-generate Autopilot for a version (None = version 0, the untrained base). With `merge`, LoRA
-    adapters are folded into the base weights (a plain transformers model, faster to generate)."""
+def load_version(meta: Optional[dict], student_cfg=None, merge: bool = False, device: str = "cpu"):
+    """A ready-to-generate Autopilot for a version: `meta` is its version.json (or Registry.get(N)); None is
+    version 0, the untrained base of `student_cfg`. The version's own student config wins over `student_cfg`.
+    With `merge`, LoRA adapters are folded into the base weights (a plain transformers model, faster to
+    generate)."""
     from backpack.core.config import StudentConfig
     from backpack.student.autopilot import load_student
 
     cfg = StudentConfig(**meta["student"]) if meta and meta.get("student") else student_cfg
+    if cfg is None:
+        raise ValueError("load_version needs a version's metadata or a student config")
     ap = load_student(cfg, device=device)
     if meta is not None:
         checkpoints.load_weights(meta["path"], ap.model)

@@ -38,6 +38,20 @@ def _rows(batch) -> list[dict]:
     return batch.to_pylist() if hasattr(batch, "to_pylist") else batch
 
 
+def _timed(batches, window: dict):
+    """Yield from `batches`, adding the time spent waiting for each to window["data_s"]: with the batch
+    building time, that is how long the step waited for its input (a slow input pipeline shows there)."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        window["data_s"] += time.perf_counter() - t
+        yield batch
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs inside each Ray Train worker. `config` holds plain dicts (student, training) and paths."""
     import ray.train
@@ -75,18 +89,20 @@ def train_loop_per_worker(config: dict) -> None:
     same_tok = config.get("same_tokenizer", True)  # False: re-tokenise the teacher's text (no token-level KD)
     shard = ray.train.get_dataset_shard("train")
     pad = student.tokenizer.pad_token_id
-    window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "micro": 0, "tokens": 0, "t0": time.perf_counter()}
+    window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "micro": 0, "tokens": 0, "data_s": 0.0, "t0": time.perf_counter()}
     fail_marker = config.get("fail_once_at_step_marker")  # test hook: crash one worker once, mid-run
     micro = 0
     model.train()
     while step < tc.max_steps:
         any_batch = False
-        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"):
+        for batch in _timed(shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"), window):
+            built = time.perf_counter()
             examples, _ = build_examples(_rows(batch), student.tokenizer, tc.max_len, same_tok, use_kd)
             if not examples:
                 continue
             any_batch = True
             tensors = {k: v.to(device) for k, v in collate(examples, pad, tc.top_k if use_kd else 0).items()}
+            window["data_s"] += time.perf_counter() - built
             loss, m = student_loss(model, tensors, tc.kd_weight, tc.divergence, tc.beta)
             (loss / tc.grad_accum).backward()
             window["loss"] += loss.item()
@@ -114,8 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {"step": step, "loss": window["loss"] / max(1, window["micro"]),
                        "ce": window["ce"] / max(1, window["micro"]), "kd": window["kd"] / max(1, window["micro"]),
                        "lr": sched.get_last_lr()[0], "tokens_per_s": window["tokens"] / seconds if seconds else 0.0,
-                       "tokens_seen": tokens_seen}
-            window.update(loss=0.0, ce=0.0, kd=0.0, micro=0, tokens=0, t0=time.perf_counter())
+                       "tokens_seen": tokens_seen, "data_wait_s": window["data_s"], "window_s": seconds}
+            window.update(loss=0.0, ce=0.0, kd=0.0, micro=0, tokens=0, data_s=0.0, t0=time.perf_counter())
             if rank == 0 and config.get("metrics_file"):
                 with open(config["metrics_file"], "a") as f:
                     f.write(json.dumps(metrics) + "\n")
