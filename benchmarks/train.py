@@ -4,7 +4,8 @@
 
 Same student (the quickstart's: SmolLM2-135M with every other layer, trained in full), same rows, same loss
 (CE + top-k KD), same total torch threads. Throughput is answer tokens trained per second at steady state
-(the first step of each run is left out as warm-up); the Ray Train start-up cost is its fit() wall time minus
+(the first step of each run is left out as warm-up; both read the same materialized dataset in the same
+order, so they train on the same batches); the Ray Train start-up cost is its fit() wall time minus
 the time its steps took. Goal: Ray Train with one worker reaches at least 0.90x the plain loop.
 """
 
@@ -41,9 +42,10 @@ def dataset_rows(path: Path, n: int):
     return store
 
 
-def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
-    """Answer tokens/s of a plain loop, steps 2..N. Like a Ray Train worker it builds each batch's examples
-    (tokenisation, top-k tensors) as it goes, so both paths do the same work per step."""
+def plain_loop(batches, student_cfg, tc, steps: int, threads: int) -> tuple[float, list[int]]:
+    """(answer tokens/s over steps 2..N, answer tokens of each step) of a plain loop over `batches` (lists of
+    rows, in the order a one-worker Ray Train run reads them). Like a Ray Train worker it builds each batch's
+    examples (tokenisation, top-k tensors) as it goes, so both paths do the same work per step."""
     import torch
 
     from backpack.student.autopilot import load_student
@@ -55,34 +57,33 @@ def plain_loop(rows, student_cfg, tc, steps: int, threads: int) -> float:
     st = load_student(student_cfg)
     opt = torch.optim.AdamW([p for p in st.model.parameters() if p.requires_grad], lr=tc.lr)
     st.model.train()
-    tokens, t0 = 0, None
+    tokens, per_step, t0 = 0, [], None
     for step in range(steps):
-        i = (step * tc.batch_size) % max(1, len(rows) - tc.batch_size)
-        examples, _ = build_examples(rows[i:i + tc.batch_size], st.tokenizer, tc.max_len, True, tc.kd_weight > 0)
+        examples, _ = build_examples(batches[step % len(batches)], st.tokenizer, tc.max_len, True, tc.kd_weight > 0)
         batch = collate(examples, st.tokenizer.pad_token_id, tc.top_k)
         loss, m = student_loss(st.model, batch, tc.kd_weight, tc.divergence)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        per_step.append(m["tokens"])
         if step == 0:
             t0 = time.perf_counter()  # warm-up step excluded
         else:
             tokens += m["tokens"]
-    return tokens / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0), per_step
 
 
-def ray_train(store, student_cfg, tc, workers: int, threads: int, steps: int) -> tuple[float, float, float]:
+def ray_train(ds, student_cfg, tc, workers: int, threads: int, steps: int) -> tuple[float, float, float, list[int]]:
     """(answer tokens/s at steady state summed over workers, start-up seconds, share of steady-state time rank 0
-    spent waiting for its input) of one Ray Train fit."""
-    from backpack.distill import training_dataset
+    spent waiting for its input, answer tokens of each of rank 0's steps) of one Ray Train fit."""
     from backpack.student.trainer import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
         cfg = tc.model_copy(update={"num_workers": workers, "threads_per_worker": threads, "max_steps": steps,
                                     "log_every": 1, "checkpoint_every": 10_000, "cpus_per_worker": 1.0 / workers})
-        res = run_training(training_dataset(store, 0.0), student_cfg, cfg, Path(tmp) / "train", "bench",
+        res = run_training(ds, student_cfg, cfg, Path(tmp) / "train", "bench",
                            metrics_file=str(metrics))
         logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     # one window per step (log_every=1), measured on rank 0; every worker trains its own batch meanwhile
@@ -93,7 +94,8 @@ def ray_train(store, student_cfg, tc, workers: int, threads: int, steps: int) ->
     steady = windows[1:]
     seconds = sum(w[1] for w in steady)
     startup = res.seconds - sum(w[1] for w in windows)
-    return sum(w[0] for w in steady) / seconds * workers, startup, sum(w[2] for w in steady) / seconds
+    return (sum(w[0] for w in steady) / seconds * workers, startup, sum(w[2] for w in steady) / seconds,
+            [w[0] for w in windows])
 
 
 def main() -> int:
@@ -107,20 +109,31 @@ def main() -> int:
     import ray
 
     from backpack.core.config import StudentConfig, TrainingConfig
+    from backpack.distill import training_dataset
 
     store = dataset_rows(Path(args.dataset), 64)
-    rows = [r for r in store.read().to_pylist() if r["status"] == "ok"]
     student = StudentConfig(mode="full", layers="every_other")
     tc = TrainingConfig(batch_size=args.batch_size, max_len=256, kd_weight=0.5, top_k=4, lr=3e-4)
-    print(f"{len(rows)} rows, batch {args.batch_size}, {args.steps} steps, {args.threads} threads in all", flush=True)
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    base = plain_loop(rows, student, tc, args.steps, args.threads)
+    # Both paths read the same materialized dataset (what `backpack train` feeds Ray Train) in the same order,
+    # so they train on the same batches: step time depends a lot on a batch's lengths and padding.
+    ds = training_dataset(store, 0.0)
+    batches = [b.to_pylist() for b in ds.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")]
+    print(f"{ds.count()} rows, batch {args.batch_size}, {args.steps} steps, {args.threads} threads in all",
+          flush=True)
+    # The baseline runs in a Ray worker process too (on its main thread), not in this driver: the driver stays
+    # idle, and both paths run under the same process conditions (Ray workers run at nice 15).
+    base, base_tokens = ray.get(ray.remote(num_cpus=args.threads)(plain_loop).remote(
+        batches, student, tc, args.steps, args.threads))
     results = [("plain PyTorch loop (baseline)", "1x" + str(args.threads), base, 0.0, 0.0)]
     for workers in (1, 2):
         if args.threads % workers:
             continue
-        rate, startup, wait = ray_train(store, student, tc, workers, args.threads // workers, args.steps)
+        rate, startup, wait, tokens = ray_train(ds, student, tc, workers, args.threads // workers, args.steps)
         results.append(("Ray Train", f"{workers}x{args.threads // workers}", rate, startup, wait))
+        if workers == 1 and tokens != base_tokens:
+            print(f"note: Ray Train read other batches than the plain loop (answer tokens per step "
+                  f"{tokens} vs {base_tokens}): the ratio compares different work")
     ray.shutdown()
     print(f"\n{'path':32} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11} {'input wait':>11}")
     for name, shape, rate, startup, wait in results:
