@@ -103,14 +103,17 @@ def _print_report(report: dict) -> None:
         print(" | ".join(_cell(e.get(k), f, k) for k, _, f in COLUMNS))
 
 
+def _print_trained(res: dict) -> None:
+    print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new student version(s): "
+          f"{res['versions'] or 'none'}")
+
+
 def cmd_train(args) -> int:
     from backpack.core.config import load_config
     from backpack.distill import train
 
     cfg = load_config(args.config, args.overrides)
-    res = train(cfg, _BarReporter(args.quiet))
-    print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new student version(s): "
-          f"{res['versions'] or 'none'}")
+    _print_trained(train(cfg, _BarReporter(args.quiet)))
     return 0
 
 
@@ -128,14 +131,11 @@ def cmd_eval(args) -> int:
 def cmd_run(args) -> int:
     """generate (answered prompts are reused) -> train -> evaluate, then the report table."""
     from backpack.core.config import load_config
-    from backpack.distill import evaluate, train
+    from backpack.distill import evaluate, require_sections, train
     from backpack.pipeline import generate
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.student is None or cfg.training is None:
-        from backpack.errors import ConfigError
-
-        raise ConfigError(args.config, ["student, training: `backpack run` needs both sections"])
+    require_sections(cfg, "student", "training")  # before generating, not after
     rep = _BarReporter(args.quiet)
     t0 = time.perf_counter()
     try:
@@ -144,8 +144,7 @@ def cmd_run(args) -> int:
         rep.close()
     print(f"dataset version {gen.version}: {gen.ok_rows} new answer(s), {gen.skipped} reused, "
           f"{gen.failed_rows} failed")
-    res = train(cfg, rep)
-    print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new version(s): {res['versions'] or 'none'}")
+    _print_trained(train(cfg, rep))
     report = evaluate(cfg, None, rep)
     _print_report(report)
     print(f"report: {cfg.run_dir / 'report' / 'report.md'} (whole run {time.perf_counter() - t0:.0f} s)")
@@ -207,30 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"backpack {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="answer a prompt collection with the run's teachers into a dataset")
-    g.add_argument("config", help="run config (YAML)")
-    g.add_argument("overrides", nargs="*", help="field overrides, e.g. teachers.0.replicas=2")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    g.set_defaults(func=cmd_generate)
+    def config_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        """A subcommand taking a run config, field overrides and --quiet."""
+        c = sub.add_parser(name, help=help)
+        c.add_argument("config", help="run config (YAML)")
+        c.add_argument("overrides", nargs="*", help="field overrides, e.g. teachers.0.replicas=2")
+        c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+        c.set_defaults(func=func)
+        return c
 
-    r = sub.add_parser("run", help="generate, train the student, evaluate: a whole distillation")
-    r.add_argument("config")
-    r.add_argument("overrides", nargs="*")
-    r.add_argument("-q", "--quiet", action="store_true")
-    r.set_defaults(func=cmd_run)
-
-    t = sub.add_parser("train", help="train the run's student on its dataset (resumes from its last checkpoint)")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*")
-    t.add_argument("-q", "--quiet", action="store_true")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval", help="evaluate student versions against the teacher and write the report")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*")
-    e.add_argument("--version", type=int, default=None, help="one version (default: all, and version 0)")
-    e.add_argument("-q", "--quiet", action="store_true")
-    e.set_defaults(func=cmd_eval)
+    config_command("generate", "answer a prompt collection with the run's teachers into a dataset", cmd_generate)
+    config_command("run", "generate, train the student, evaluate: a whole distillation", cmd_run)
+    config_command("train", "train the run's student on its dataset (resumes from its last checkpoint)", cmd_train)
+    config_command("eval", "evaluate student versions against the teacher and write the report", cmd_eval) \
+        .add_argument("--version", type=int, default=None, help="one version (default: all, and version 0)")
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")

@@ -24,24 +24,32 @@ from backpack.pipeline import Reporter, redis_for, run_lock
 from backpack.runtime import ray_runtime
 
 
-def _need(cfg: RunConfig, *sections: str) -> None:
+def require_sections(cfg: RunConfig, *sections: str) -> None:
+    """A config error naming each section the command needs and the config lacks."""
     missing = [s for s in sections if getattr(cfg, s) is None]
     if missing:
         raise ConfigError(cfg.name, [f"{s}: required for this command (add a '{s}:' section)" for s in missing])
 
 
-def _split(cfg: RunConfig, store: DatasetStore):
-    """(train rows table, held-out ok rows as dicts), split deterministically by query id."""
+def _heldout_mask(table, fraction: float):
+    """Which rows of an Arrow table or batch are held out for evaluation (by a hash of the query id): the one
+    split both the checks before training and the training dataset itself use."""
     import pyarrow as pa
 
     from backpack.eval.evaluate import is_heldout
 
+    return pa.array([is_heldout(q, fraction) for q in table.column("query_id").to_pylist()], type=pa.bool_())
+
+
+def _split(cfg: RunConfig, store: DatasetStore):
+    """(train rows table, held-out ok rows as dicts), split deterministically by query id."""
+    import pyarrow.compute as pc
+
     table = store.read()
     if table.num_rows == 0:
         raise DatasetError(f"dataset {store.uri} is empty: run `backpack generate` first")
-    frac = (cfg.eval or EvalConfig()).heldout_fraction
-    held = pa.array([is_heldout(q, frac) for q in table.column("query_id").to_pylist()])
-    return table.filter(pa.compute.invert(held)), [r for r in table.filter(held).to_pylist() if r["status"] == "ok"]
+    held = _heldout_mask(table, (cfg.eval or EvalConfig()).heldout_fraction)
+    return table.filter(pc.invert(held)), [r for r in table.filter(held).to_pylist() if r["status"] == "ok"]
 
 
 def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
@@ -96,13 +104,9 @@ def _last_error(err: BaseException) -> str:
 
 def training_rows(batch, fraction: float):
     """The rows of an Arrow batch that training may see: answered, and not held out for evaluation."""
-    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    from backpack.eval.evaluate import is_heldout
-
-    keep = [status == "ok" and not is_heldout(qid, fraction)
-            for status, qid in zip(batch.column("status").to_pylist(), batch.column("query_id").to_pylist())]
-    return batch.filter(pa.array(keep, type=pa.bool_()))
+    return batch.filter(pc.and_(pc.equal(batch.column("status"), "ok"), pc.invert(_heldout_mask(batch, fraction))))
 
 
 def training_dataset(store: DatasetStore, fraction: float):
@@ -131,7 +135,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[tuple[str, int]]:
 
 def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
     """Train the run's student on its dataset. Returns {"step", "versions", "seconds"}."""
-    _need(cfg, "student", "training")
+    require_sections(cfg, "student", "training")
     rep = reporter or Reporter()
     with run_lock(cfg):
         store = DatasetStore(str(cfg.dataset_dir), create=False)
@@ -189,11 +193,12 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
     from backpack.eval.report import write_report
     from backpack.student.registry import Registry, load_version
 
-    _need(cfg, "student")
+    require_sections(cfg, "student")
     rep = reporter or Reporter()
     ec = cfg.eval or EvalConfig()
     torch.set_num_threads(os.cpu_count() or 1)
     store = DatasetStore(str(cfg.dataset_dir), create=False)
+    max_len = cfg.training.max_len if cfg.training else 512
     _, held = _split(cfg, store)
     held = sorted(held, key=lambda r: r["query_id"])[: ec.max_rows]
     if not held:
@@ -219,14 +224,13 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
         rep.stage(f"evaluating version {v} on {len(held)} held-out prompt(s)")
         meta = metas.get(v)
         ap = load_version(meta, cfg.student, merge=True)
-        m = evaluate_model(ap.model, ap.tokenizer, held, f"student-v{v}", ec.max_new_tokens,
-                           cfg.training.max_len if cfg.training else 512,
+        m = evaluate_model(ap.model, ap.tokenizer, held, f"student-v{v}", ec.max_new_tokens, max_len,
                            top_k=cfg.training.top_k if cfg.training else 4, batch_size=ec.batch_size)
         m.update(version=v, step=meta["step"] if meta else 0)
         cache.write_text(json.dumps(m))
         results.append(m)
-    training = [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()] \
-        if (cfg.run_dir / "train" / "metrics.jsonl").exists() else []
+    metrics = cfg.run_dir / "train" / "metrics.jsonl"
+    training = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     report = write_report(cfg.run_dir / "report", cfg.name, results, training,
                           {"dataset_version": store.version, "heldout_rows": len(held),
                            "student": cfg.student.model_dump()})

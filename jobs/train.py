@@ -5,10 +5,7 @@ Submit from the repository root to a running cluster (its dashboard address, por
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m jobs.train --config examples/quickstart.yaml storage.path=/shared/runs
 
-The cluster's nodes need Backpack's dependencies installed (the Docker image, or `make install` on each node);
-`--working-dir .` ships this code. Set RAY_AUTH_MODE the same way for `ray start` and `ray job submit`
-(token auth is on by default in Ray 2.60). On several nodes, give `storage.path` a directory every node sees
-and `redis.url` a Redis server every node reaches. Follow it with `ray job logs --follow JOB_ID`.
+What the cluster needs (dependencies, RAY_AUTH_MODE, shared storage and Redis): see jobs/__init__.py.
 """
 
 import sys
