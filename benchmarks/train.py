@@ -110,6 +110,7 @@ def main() -> int:
 
     from backpack.core.config import StudentConfig, TrainingConfig
     from backpack.distill import training_dataset
+    from backpack.runtime.allocator import worker_env
 
     store = dataset_rows(Path(args.dataset), 64)
     student = StudentConfig(mode="full", layers="every_other")
@@ -122,10 +123,18 @@ def main() -> int:
     print(f"{ds.count()} rows, batch {args.batch_size}, {args.steps} steps, {args.threads} threads in all",
           flush=True)
     # The baseline runs in a Ray worker process too (on its main thread), not in this driver: the driver stays
-    # idle, and both paths run under the same process conditions (Ray workers run at nice 15).
-    base, base_tokens = ray.get(ray.remote(num_cpus=args.threads)(plain_loop).remote(
-        batches, student, tc, args.steps, args.threads))
-    results = [("plain PyTorch loop (baseline)", "1x" + str(args.threads), base, 0.0, 0.0)]
+    # idle, and both paths run under the same process conditions (Ray workers run at nice 15) and with the same
+    # memory allocator (tcmalloc when this machine has it, see backpack/runtime/allocator.py).
+    env = worker_env(tc.allocator)
+    allocator = "tcmalloc" if "LD_PRELOAD" in env else "system malloc"
+
+    def baseline(env: dict) -> tuple[float, list[int]]:
+        task = ray.remote(num_cpus=args.threads, max_calls=1)(plain_loop)
+        return ray.get(task.options(runtime_env={"env_vars": env}).remote(batches, student, tc, args.steps,
+                                                                          args.threads))
+
+    base, base_tokens = baseline(env)
+    results = [(f"plain PyTorch loop ({allocator})", "1x" + str(args.threads), base, 0.0, 0.0)]
     for workers in (1, 2):
         if args.threads % workers:
             continue
@@ -134,11 +143,14 @@ def main() -> int:
         if workers == 1 and tokens != base_tokens:
             print(f"note: Ray Train read other batches than the plain loop (answer tokens per step "
                   f"{tokens} vs {base_tokens}): the ratio compares different work")
+    if "LD_PRELOAD" in env:  # what the allocator is worth: the same loop with glibc's malloc
+        glibc, _ = baseline(worker_env("system", environ={}))
+        results.insert(1, ("plain PyTorch loop (system malloc)", "1x" + str(args.threads), glibc, 0.0, 0.0))
     ray.shutdown()
-    print(f"\n{'path':32} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11} {'input wait':>11}")
+    print(f"\n{'path':36} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11} {'input wait':>11}")
     for name, shape, rate, startup, wait in results:
-        print(f"{name:32} {shape:>18} {rate:8.1f} {rate / base:6.2f} {startup:11.1f} {wait:10.0%}")
-    one = results[1][2] / base
+        print(f"{name:36} {shape:>18} {rate:8.1f} {rate / base:6.2f} {startup:11.1f} {wait:10.0%}")
+    one = next(rate for name, shape, rate, _, _ in results if name == "Ray Train" and shape.startswith("1x")) / base
     print(f"\ngoal: Ray Train, 1 worker >= 0.90x the plain loop at steady state: {one:.2f}x -> "
           f"{'met' if one >= 0.9 else 'NOT met'}")
     return 0

@@ -313,6 +313,9 @@ class TrainingConfig(_Section):
     checkpoint_every: int = Field(20, ge=1)
     max_failures: int = Field(1, ge=0)             # worker-group restarts from the last checkpoint
     seed: int = 0
+    # Memory allocator of the training workers. "auto": tcmalloc when the machine has it (CPU steps ~1.4x
+    # faster here), else glibc's; "tcmalloc": require it; "system": glibc's malloc.
+    allocator: Literal["auto", "tcmalloc", "system"] = "auto"
 
 
 class EvalConfig(_Section):

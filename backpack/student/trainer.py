@@ -20,12 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from backpack.core.config import StudentConfig, TrainingConfig
-
-
-# Ray Train runs the training function in a thread of the worker, not its main thread. glibc then serves that
-# thread from a malloc arena of its own: the same training loop on a worker thread ran at 0.73x of its speed on
-# the main thread, and at 0.90x with one arena (measured here, see the closing note of issue 3). A user's value wins.
-WORKER_ENV = {"MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
+from backpack.runtime.allocator import worker_env
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -63,6 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
+    from backpack.runtime.allocator import loaded_allocator
     from backpack.student import checkpoints
     from backpack.student.autopilot import load_student
     from backpack.student.examples import build_examples, collate
@@ -99,6 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
               "t0": time.perf_counter()}
     fail_marker = config.get("fail_once_at_step_marker")  # test hook: crash one worker once, mid-run
     micro = 0
+    allocator = loaded_allocator()  # reported with the metrics: did training.allocator reach this worker?
     model.train()
     while step < tc.max_steps:
         any_batch = False
@@ -141,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "ce": window["ce"] / max(1, window["micro"]), "kd": window["kd"] / max(1, window["micro"]),
                        "lr": sched.get_last_lr()[0], "tokens_per_s": window["tokens"] / seconds if seconds else 0.0,
                        "tokens_seen": tokens_seen, "data_wait_s": window["data_s"], "compute_s": window["compute_s"],
-                       "window_s": seconds}
+                       "window_s": seconds, "allocator": allocator}
             window.update(loss=0.0, ce=0.0, kd=0.0, micro=0, tokens=0, data_s=0.0, compute_s=0.0,
                           t0=time.perf_counter())
             if rank == 0 and config.get("metrics_file"):
@@ -183,6 +180,7 @@ def run_training(dataset, student: StudentConfig, training: TrainingConfig, stor
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
+    env = worker_env(training.allocator)  # before Ray Train starts: a missing tcmalloc is a clear error
     config = {"student": student.model_dump(), "training": training.model_dump(), "resume_from": resume_from,
               "dataset_version": dataset_version, "metrics_file": metrics_file, "same_tokenizer": same_tokenizer,
               "registry": registry, **(test_hooks or {})}
@@ -196,7 +194,7 @@ def run_training(dataset, student: StudentConfig, training: TrainingConfig, stor
             storage_path=str(Path(storage).resolve()),
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": WORKER_ENV}),
+            worker_runtime_env={"env_vars": env}),
         datasets={"train": dataset},
     )
     result = trainer.fit()
