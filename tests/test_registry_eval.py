@@ -69,6 +69,30 @@ def test_registry_publish_list_events_and_load(redis_server, tiny_model_dir, tmp
     assert Registry(redis_server.url, "other-run", tmp_path / "o").versions() == []
 
 
+def test_registry_live_version_promote_and_rollback(redis_server, tmp_path):
+    reg = Registry(redis_server.url, "r2", tmp_path / "run")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for name in (checkpoints.WEIGHTS, checkpoints.STATE):
+        (ck / name).write_bytes(b"{}")
+    for step in (10, 20, 30):
+        reg.publish(ck, {"step": step})
+    assert reg.live() is None
+    with pytest.raises(ValueError, match="no earlier live version"):
+        reg.rollback()
+    reg.promote(1, by="gate")
+    reg.promote(3, by="gate", reason="nll 2.1 <= 2.3")
+    assert reg.live() == 3
+    with pytest.raises(KeyError, match="no student version 9"):
+        reg.promote(9)
+    assert reg.live() == 3
+    assert reg.rollback() == 1 and reg.live() == 1
+    promoted = [e for _, e in reg.events() if e["type"] == "promoted"]
+    assert [(e["version"], e["by"]) for e in promoted] == [("1", "gate"), ("3", "gate"), ("1", "user")]
+    reg.promote(0)  # the untrained base can be served too
+    assert reg.live() == 0
+
+
 def test_student_identical_to_teacher_agrees_perfectly(smol_dir):
     teacher = HFTeacher(TeacherConfig(name="smol", threads=2))
     qs = [Query(messages=[{"role": "user", "content": p}], decoding=DecodingParams(max_new_tokens=10, logprobs=4))

@@ -117,6 +117,11 @@ class SchedulerConfig(_Section):
     policy: Literal["round_robin", "least_loaded"] = "round_robin"
     max_retries: int = Field(2, ge=0, le=10)       # other replicas tried before a batch's Queries are failed
     flush_rows: int = Field(64, ge=1)              # rows buffered before a Parquet shard is written
+    # A shard is also written when its oldest buffered row is this old (continual runs: fresh data within seconds).
+    flush_seconds: float = Field(5.0, gt=0, le=3600)
+    # Continual runs: at most this many prompts read from the intake stream and not yet stored at a time
+    # (the rest waits in the stream: backpressure, nothing dropped).
+    max_pending: int = Field(256, ge=1)
 
 
 class RunConfig(_Section):
@@ -131,6 +136,8 @@ class RunConfig(_Section):
     student: Optional["StudentConfig"] = None      # needed by `backpack train` / `run`
     training: Optional["TrainingConfig"] = None
     eval: Optional["EvalConfig"] = None
+    continual: Optional["ContinualConfig"] = None  # `backpack run --continual` (defaults when absent)
+    serve: Optional["ServeConfig"] = None          # the StudentServer of a continual run (defaults when absent)
 
     @model_validator(mode="after")
     def _unique_teachers(self):
@@ -326,6 +333,31 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)             # length of the student's greedy answers
     batch_size: int = Field(8, ge=1)
     every_version: bool = True                        # False: only version 0 and the last version
+
+
+class ContinualConfig(_Section):
+    """The continual loop: the trainer keeps training on new shards, each version is gated before it is served."""
+
+    replay_ratio: float = Field(0.25, ge=0, lt=1)      # share of each batch drawn from older data (anti-forgetting)
+    poll_seconds: float = Field(2.0, gt=0, le=600)     # how often the trainer looks for new shards
+    publish_every_steps: int = Field(20, ge=1)         # a new student version every K optimizer steps ...
+    publish_every_seconds: float = Field(300.0, gt=0)  # ... or every T seconds of training, whichever comes first
+    # The promotion gate: a new version is served only if it is not worse than the live one on the held-out
+    # rows by more than `promote_margin` of `promote_metric` (nll and kl: lower is better; chrf: higher).
+    promote_metric: Literal["nll", "kl", "chrf"] = "nll"
+    promote_margin: float = Field(0.0, ge=0)
+    gate_rows: int = Field(16, ge=1)                   # held-out rows each gate decision is measured on
+
+
+class ServeConfig(_Section):
+    """The StudentServer: an OpenAI-compatible HTTP endpoint serving the live student version."""
+
+    host: str = "127.0.0.1"                            # 0.0.0.0 to accept connections from other machines
+    port: int = Field(8000, ge=0, le=65535)            # 0: any free port (printed at start)
+    max_new_tokens: int = Field(128, ge=1, le=32_768)  # default and upper bound of a request's max_tokens
+    threads: int = Field(1, ge=1, le=256)              # torch threads of the server
+    num_cpus: float = Field(1.0, ge=0)                 # CPUs Ray reserves for the server actor
+    merge: bool = True                                 # serve LoRA versions merged into the base (faster)
 
 
 RunConfig.model_rebuild()

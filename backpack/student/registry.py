@@ -78,6 +78,38 @@ class Registry:
         vs = self.versions()
         return vs[-1] if vs else None
 
+    # ------------------------------------------------------------ the live (served) version
+
+    def live(self) -> Optional[int]:
+        """The version the StudentServer serves (None: none promoted yet; the server then serves version 0)."""
+        raw = self.client.get(self.keys("students", "live"))
+        return int(raw) if raw is not None else None
+
+    def promote(self, version: int, by: str = "user", reason: str = "") -> None:
+        """Make `version` the live one (0 = the untrained base): record it, keep the history for rollback, and
+        emit a `promoted` event that servers follow."""
+        if version != 0:
+            self.get(version)  # KeyError naming the version if it does not exist
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys("students", "live"), version)
+        pipe.rpush(self.keys("students", "live_history"), version)
+        pipe.xadd(self.keys("events"), {"type": "promoted", "version": version, "by": by, "reason": reason[:500]})
+        pipe.execute()
+
+    def rollback(self, by: str = "user") -> int:
+        """Serve the version that was live before the current one; returns it. ValueError if there is none."""
+        history = [int(v) for v in self.client.lrange(self.keys("students", "live_history"), 0, -1)]
+        if len(history) < 2:
+            raise ValueError(f"run {self.run!r} has no earlier live version to roll back to "
+                             f"(live history: {history or 'empty'})")
+        target = history[-2]
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys("students", "live"), target)
+        pipe.rpop(self.keys("students", "live_history"))  # the history reads as if the bad version never was
+        pipe.xadd(self.keys("events"), {"type": "promoted", "version": target, "by": by, "reason": "rollback"})
+        pipe.execute()
+        return target
+
     def events(self, after: str = "-", count: int = 100) -> list[tuple[str, dict]]:
         """Registry events after stream id `after` ("-" = from the start)."""
         start = "-" if after == "-" else f"({after}"
