@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -73,15 +74,57 @@ def run_lock(cfg: RunConfig):
         yield
 
 
+ENDPOINT_FILE = "endpoint.json"  # in <run_dir>/redis/: where a live run's embedded Redis listens
+
+
 @contextlib.contextmanager
 def redis_for(cfg: RunConfig):
-    """The run's Redis URL: an embedded server started for the run, or the configured one (checked)."""
+    """The run's Redis URL: an embedded server started for the run, or the configured one (checked).
+
+    While an embedded server runs, `<run_dir>/redis/endpoint.json` (owner-only: the URL holds the password)
+    says where, so `backpack ingest`, `status`, `promote`... reach the live run (see `attach_redis`)."""
     if cfg.redis.url is None:
         with EmbeddedRedis(cfg.run_dir / "redis") as server:
-            yield server.url
+            endpoint = cfg.run_dir / "redis" / ENDPOINT_FILE
+            fd = os.open(endpoint, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"url": server.url, "pid": os.getpid()}, f)
+            try:
+                yield server.url
+            finally:
+                endpoint.unlink(missing_ok=True)
     else:
         connect(cfg.redis.url, cfg.redis.password_env).close()
         yield cfg.redis.url
+
+
+def _live_endpoint(cfg: RunConfig) -> Optional[str]:
+    """The URL of the embedded Redis of a live run of `cfg`, if one is running and answers."""
+    path = cfg.run_dir / "redis" / ENDPOINT_FILE
+    try:
+        endpoint = json.loads(path.read_text())
+        os.kill(int(endpoint["pid"]), 0)  # the run's process is alive (a stale file is left by a kill -9)
+        connect(endpoint["url"], timeout=2.0).close()
+        return endpoint["url"]
+    except (OSError, ValueError, KeyError, BackpackError):
+        return None
+
+
+@contextlib.contextmanager
+def attach_redis(cfg: RunConfig):
+    """The run's Redis for a command beside the run (ingest, status, versions, promote, rollback): the
+    configured server; else the embedded server of the live run; else, with no run live, the run's embedded
+    server started from its AOF for the command (under the run lock, so a run cannot start on it meanwhile)."""
+    if cfg.redis.url is not None:
+        connect(cfg.redis.url, cfg.redis.password_env).close()
+        yield cfg.redis.url
+        return
+    url = _live_endpoint(cfg)
+    if url is not None:
+        yield url
+        return
+    with run_lock(cfg), redis_for(cfg) as url:
+        yield url
 
 
 def prepare_models(cfg: RunConfig) -> None:

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from backpack.core.routing import POLICIES, ReplicaView, can_ever_serve
-from backpack.core.schema import failed_table
-from backpack.core.types import OK
+from backpack.core.schema import completions_to_table, failed_table, queries_to_table
+from backpack.core.types import OK, Completion
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,20 @@ class ReplicaHandle(Protocol):
 
 class Sink(Protocol):
     def append(self, table: pa.Table): ...
+
+
+class QuerySource(Protocol):
+    """Where a streaming scheduler's Queries come from (`backpack.intake.IntakeSource`)."""
+
+    def fetch(self, max_rows: int, block_ms: int = 0) -> tuple[list, list]:
+        """(Queries, Rejected records) newly available, waiting up to `block_ms` for some."""
+        ...
+
+    def stored(self, table: pa.Table) -> None:
+        """These dataset rows are durably stored: their prompts may be acknowledged."""
+        ...
+
+    def stop_requested(self) -> bool: ...
 
 
 class Progress(Protocol):
@@ -79,7 +93,8 @@ class RunSummary:
 
 class Scheduler:
     def __init__(self, replicas: list[ReplicaHandle], sink: Sink, progress: Optional[Progress] = None,
-                 policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64):
+                 policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64,
+                 flush_seconds: float = 5.0, max_pending: int = 256):
         if not replicas:
             raise ValueError("the scheduler needs at least one teacher replica")
         self.replicas = replicas
@@ -91,17 +106,53 @@ class Scheduler:
         self.progress = progress
         self._buffer: list[pa.Table] = []
         self._buffered = 0
+        self._buffer_since = 0.0
         self._last = -1
+        self.flush_seconds = flush_seconds
+        self.max_pending = max_pending
+        self._source: Optional[QuerySource] = None
+        self._stop = False
 
     # ------------------------------------------------------------------ public
 
     async def run(self, queries: pa.Table) -> dict:
         """Answer every Query in `queries` (QUERY_SCHEMA); returns a summary dict once all are stored."""
+        return await self._serve(queries, None)
+
+    async def run_stream(self, source: QuerySource, poll_seconds: float = 1.0) -> dict:
+        """Answer Queries from `source` (the intake stream) until a stop is requested (`request_stop`, or the
+        source says so). Shards are written by size (`flush_rows`) or age (`flush_seconds`), and `source.stored`
+        is told after each, so a prompt is acknowledged only once its answer is stored. At most `max_pending`
+        fetched Queries wait unanswered (the rest stays in the stream). On stop, batches not yet sent stay
+        unacknowledged (the next run answers them) and batches at a teacher are finished and stored."""
+        return await self._serve(None, source, poll_seconds)
+
+    def request_stop(self) -> None:
+        """Ask `run_stream` to stop (callable while it runs: the scheduler actor is an async actor)."""
+        self._stop = True
+
+    async def _serve(self, queries: Optional[pa.Table], source: Optional[QuerySource],
+                     poll_seconds: float = 1.0) -> dict:
         t0 = time.perf_counter()
-        summary = RunSummary(queries=queries.num_rows)
-        pending = deque(self._batches(queries))
+        summary = RunSummary(queries=queries.num_rows if queries is not None else 0)
+        pending = deque(self._batches(queries)) if queries is not None else deque()
         inflight: dict[asyncio.Task, tuple[int, _Batch]] = {}
-        while pending or inflight:
+        self._source = source
+        stopping, next_stop_check = source is None, 0.0
+        while True:
+            if not stopping:
+                if time.monotonic() >= next_stop_check:
+                    next_stop_check = time.monotonic() + 0.5
+                    stopping = self._stop or await asyncio.to_thread(source.stop_requested)
+                if stopping:
+                    pending.clear()  # not sent: left unacknowledged in the stream for the next run
+                else:
+                    await self._fetch(source, pending, inflight, summary, poll_seconds)
+            self._flush_if_old()
+            if not pending and not inflight:
+                if stopping:
+                    break
+                continue
             for _ in range(len(pending)):
                 if not any(v.alive and v.in_flight < v.max_in_flight for v in self.views) and inflight:
                     break  # every replica is full: wait for an answer instead of rescanning the queue
@@ -123,7 +174,9 @@ class Scheduler:
                 inflight[task] = (idx, batch)
             if not inflight:
                 continue
-            done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+            # Streaming: wake up now and then to read new prompts and to write shards that grew old.
+            done, _ = await asyncio.wait(inflight, timeout=None if source is None else min(0.5, poll_seconds),
+                                         return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 idx, batch = inflight.pop(task)
                 view = self.views[idx]
@@ -156,6 +209,31 @@ class Scheduler:
         return summary.as_dict()
 
     # ------------------------------------------------------------------ internals
+
+    async def _fetch(self, source: QuerySource, pending: deque, inflight: dict, summary: RunSummary,
+                     poll_seconds: float) -> None:
+        waiting = sum(b.table.num_rows for b in pending) + sum(b.table.num_rows for _, b in inflight.values())
+        room = self.max_pending - waiting
+        if room <= 0:
+            return  # backpressure: the stream holds the rest
+        if pending or inflight:
+            queries, rejected = source.fetch(room, 0)  # no blocking while there is work to move on
+        else:  # idle: wait for prompts, but not past the moment the buffered answers must be written
+            wait = poll_seconds
+            if self._buffer:
+                wait = min(wait, self._buffer_since + self.flush_seconds - time.monotonic())
+            queries, rejected = await asyncio.to_thread(source.fetch, room, max(1, int(wait * 1000)))
+        if rejected:
+            self._emit(completions_to_table([r.query for r in rejected],
+                                            [Completion.failed(r.query.id, "(none)", r.reason) for r in rejected]),
+                       summary)
+        if queries:
+            summary.queries += len(queries)
+            pending.extend(self._batches(queries_to_table(queries)))
+
+    def _flush_if_old(self) -> None:
+        if self._source is not None and self._buffer and time.monotonic() - self._buffer_since >= self.flush_seconds:
+            self._flush()
 
     @staticmethod
     async def _call(replica: ReplicaHandle, table: pa.Table) -> pa.Table:
@@ -192,6 +270,8 @@ class Scheduler:
         summary.ok_rows += ok
         summary.failed_rows += table.num_rows - ok
         summary.tokens += tokens
+        if not self._buffer:
+            self._buffer_since = time.monotonic()
         self._buffer.append(table)
         self._buffered += table.num_rows
         if self._buffered >= self.flush_rows:
@@ -202,8 +282,11 @@ class Scheduler:
 
     def _flush(self) -> None:
         if self._buffer:
-            self.sink.append(pa.concat_tables(self._buffer))
+            table = pa.concat_tables(self._buffer)
+            self.sink.append(table)
             self._buffer, self._buffered = [], 0
+            if self._source is not None:
+                self._source.stored(table)  # only now may the stream forget these prompts
 
 
 def run_sync(scheduler: Scheduler, queries: pa.Table) -> dict:

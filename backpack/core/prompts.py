@@ -29,7 +29,7 @@ class Rejected:
     reason: str
 
 
-def _parse_record(rec, where: str, default_task: str, decoding: DecodingParams, max_chars: int) -> Query:
+def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, max_chars: int) -> Query:
     """One decoded record -> Query, or raise ValueError with a message naming the problem."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -75,11 +75,10 @@ def _parse_record(rec, where: str, default_task: str, decoding: DecodingParams, 
     return Query(messages=messages, decoding=dec, task=str(task), id=qid, teacher=teacher)
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Optional[dict], Optional[str], Optional[str]]]:
+def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[str, Optional[dict], Optional[str], Optional[str]]]:
     """Yields (where, record, error, raw_text) for each non-blank line."""
-    data = path.read_bytes()
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{path.name} line {lineno}"
+        where = f"{name} line {lineno}"
         if not raw.strip():
             continue
         try:
@@ -113,7 +112,24 @@ def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str =
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"prompt file not found: {str(path)!r}")
-    records = _parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path)
+    if path.suffix.lower() == ".parquet":
+        records = _parquet_records(path)
+    else:
+        records = _jsonl_records(path.read_bytes(), path.name)
+    queries, rejected = _collect(records, decoding, default_task, limit, max_chars)
+    if not queries and not rejected:
+        raise InputError(f"prompt file {str(path)!r} holds no prompts")
+    return queries, rejected
+
+
+def read_prompt_lines(data: bytes, name: str, decoding: DecodingParams, default_task: str = "default",
+                      max_chars: int = 32_000) -> tuple[list[Query], list[Rejected]]:
+    """Prompt records from JSONL bytes (e.g. standard input); `name` is how messages refer to the source."""
+    return _collect(_jsonl_records(data, name), decoding, default_task, None, max_chars)
+
+
+def _collect(records, decoding: DecodingParams, default_task: str, limit: Optional[int],
+             max_chars: int) -> tuple[list[Query], list[Rejected]]:
     queries: list[Query] = []
     rejected: list[Rejected] = []
     seen: set[str] = set()
@@ -122,7 +138,7 @@ def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str =
             break
         if error is None:
             try:
-                q = _parse_record(rec, where, default_task, decoding, max_chars)
+                q = parse_record(rec, where, default_task, decoding, max_chars)
                 if q.id in seen:
                     raise ValueError(f"{where}: duplicate id {q.id!r}")
                 seen.add(q.id)
@@ -136,7 +152,4 @@ def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str =
         bad_id = f"rejected:{rid}" if rid else f"rejected:{where}"
         rejected.append(Rejected(Query(messages=[{"role": "user", "content": content[:2000]}], decoding=decoding,
                                        task=default_task, id=bad_id), error))
-    if not queries and not rejected:
-        raise InputError(f"prompt file {str(path)!r} holds no prompts")
     return queries, rejected
-

@@ -5,6 +5,10 @@ gradients over `grad_accum` micro-batches, follows a warmup + cosine/linear/cons
 every `log_every` steps and a checkpoint every `checkpoint_every` steps (and at the end). A worker failure
 restarts the worker group from the last checkpoint (FailureConfig); a rerun of the same run passes its latest
 checkpoint as `resume_from`.
+
+`WorkerSession` (model, optimizer, restore, one micro-batch, one optimizer step, the metrics window, the
+checkpoint-and-publish report) and `fit_workers` (the TorchTrainer run) are shared with the continual loop
+(`backpack.student.continual`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from backpack.core.config import StudentConfig, TrainingConfig
 from backpack.runtime.allocator import worker_env
@@ -53,109 +57,168 @@ def _timed(batches, window: dict):
         yield batch
 
 
+def _empty_window() -> dict:
+    return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "micro": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0,
+            "t0": time.perf_counter()}
+
+
+class WorkerSession:
+    """One Ray Train worker's student, optimizer and LR schedule, restored from the run's last checkpoint (a
+    restarted worker group) or from `config["resume_from"]` (a rerun), with its metrics window.
+
+    `schedule` overrides training.schedule (the continual loop has no total step count: "constant").
+    `state` is the restored checkpoint's state dict (None on a fresh start)."""
+
+    def __init__(self, config: dict, schedule: Optional[str] = None):
+        import ray.train
+        import torch
+
+        from backpack.runtime.allocator import loaded_allocator
+        from backpack.student import checkpoints
+        from backpack.student.autopilot import load_student
+
+        self.config = config
+        tc = self.tc = TrainingConfig(**config["training"])
+        torch.set_num_threads(tc.threads_per_worker)
+        torch.manual_seed(tc.seed)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = "cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu"
+        self.student = load_student(StudentConfig(**config["student"]), device=self.device)
+        self.model = ray.train.torch.prepare_model(self.student.model) if self.world > 1 else self.student.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        schedule = schedule or tc.schedule
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, schedule))
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as d:
+                self.state = checkpoints.load(d, self.model, self.opt, self.sched)
+        elif config.get("resume_from"):
+            self.state = checkpoints.load(config["resume_from"], self.model, self.opt, self.sched)
+        else:
+            self.state = None
+        self.step = self.state["step"] if self.state else 0
+        self.tokens_seen = self.state.get("tokens_seen", 0) if self.state else 0
+        self.use_kd = tc.kd_weight > 0
+        self.same_tok = config.get("same_tokenizer", True)  # False: re-tokenise the teacher's text (no token KD)
+        self.window = _empty_window()
+        self.micro = 0
+        self.allocator = loaded_allocator()  # reported with the metrics: did training.allocator reach this worker?
+        self.last_metrics: Optional[dict] = None
+        self.model.train()
+
+    def examples(self, rows: list[dict]) -> list:
+        """The usable training Examples of dataset rows (failed rows and over-long prompts are left out)."""
+        from backpack.student.examples import build_examples
+
+        return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok, self.use_kd)[0]
+
+    def forward_backward(self, examples: list, since: Optional[float] = None) -> None:
+        """One micro-batch: loss, backward (scaled by 1/grad_accum), window sums. `since`: when building the
+        batch began (that time counts as data time)."""
+        from backpack.student.examples import collate
+        from backpack.student.step import student_loss
+
+        tc, window = self.tc, self.window
+        built = time.perf_counter() if since is None else since
+        tensors = {k: v.to(self.device) for k, v in
+                   collate(examples, self.student.tokenizer.pad_token_id, tc.top_k if self.use_kd else 0).items()}
+        computed = time.perf_counter()
+        window["data_s"] += computed - built
+        loss, m = student_loss(self.model, tensors, tc.kd_weight, tc.divergence, tc.beta)
+        (loss / tc.grad_accum).backward()
+        window["loss"] += loss.item()
+        window["ce"] += m["ce"]
+        window["kd"] += m["kd"]
+        window["micro"] += 1
+        window["tokens"] += m["tokens"]
+        self.micro += 1
+        window["compute_s"] += time.perf_counter() - computed
+
+    def optimizer_step(self) -> None:
+        """Clip, step the optimizer and the LR schedule, count the step; then the crash test hook."""
+        import torch
+
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.window["compute_s"] += time.perf_counter() - t
+        self.step += 1
+        marker = self.config.get("fail_once_at_step_marker")  # test hook: crash one worker once, mid-run
+        if marker and self.step == self.config.get("fail_once_at_step") and self.rank == 0 \
+                and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)  # a hard crash, as if the worker's node went away
+
+    def window_metrics(self) -> dict:
+        """Metrics of the steps since the last call (loss means, throughput, time waiting for data); resets
+        the window."""
+        w = self.window
+        self.tokens_seen += w["tokens"]
+        seconds = time.perf_counter() - w["t0"]
+        n = max(1, w["micro"])
+        metrics = {"step": self.step, "loss": w["loss"] / n, "ce": w["ce"] / n, "kd": w["kd"] / n,
+                   "lr": self.sched.get_last_lr()[0], "tokens_per_s": w["tokens"] / seconds if seconds else 0.0,
+                   "tokens_seen": self.tokens_seen, "data_wait_s": w["data_s"], "compute_s": w["compute_s"],
+                   "window_s": seconds, "allocator": self.allocator}
+        self.window = _empty_window()
+        return metrics
+
+    def report(self, metrics: dict, checkpoint_state: Optional[dict] = None, publish: bool = True) -> None:
+        """Append `metrics` to the metrics file (rank 0) and report them to Ray Train. With `checkpoint_state`
+        (extra state keys, e.g. the dataset version) also save a checkpoint, and, with `publish` and a
+        registry, publish it as a student version. Every worker must call this at the same step."""
+        import ray.train
+
+        from backpack.student import checkpoints
+
+        self.last_metrics = metrics
+        config = self.config
+        if self.rank == 0 and config.get("metrics_file"):
+            with open(config["metrics_file"], "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpoint_state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if self.rank == 0:
+                state = {**metrics, "student": config["student"], **checkpoint_state}
+                checkpoints.save(d, self.model, state, self.opt, self.sched)
+                if publish and config.get("registry") is not None:  # a checkpoint becomes a student version
+                    config["registry"].publish(d, state, self.student.base.fingerprint,
+                                               self.student.tokenizer_fingerprint)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs inside each Ray Train worker. `config` holds plain dicts (student, training) and paths."""
     import ray.train
-    import torch
 
-    from backpack.runtime.allocator import loaded_allocator
-    from backpack.student import checkpoints
-    from backpack.student.autopilot import load_student
-    from backpack.student.examples import build_examples, collate
-    from backpack.student.step import student_loss
-
-    tc = TrainingConfig(**config["training"])
-    torch.set_num_threads(tc.threads_per_worker)
-    torch.manual_seed(tc.seed)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = "cuda" if tc.use_gpu and torch.cuda.is_available() else "cpu"
-    student = load_student(StudentConfig(**config["student"]), device=device)
-    model = ray.train.torch.prepare_model(student.model) if ctx.get_world_size() > 1 else student.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.schedule))
-    step, tokens_seen = 0, 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = checkpoints.load(d, model, opt, sched)
-    elif config.get("resume_from"):
-        state = checkpoints.load(config["resume_from"], model, opt, sched)
-    else:
-        state = None
-    if state:
-        step, tokens_seen = state["step"], state.get("tokens_seen", 0)
-    use_kd = tc.kd_weight > 0
-    same_tok = config.get("same_tokenizer", True)  # False: re-tokenise the teacher's text (no token-level KD)
+    s = WorkerSession(config)
+    tc = s.tc
     shard = ray.train.get_dataset_shard("train")
-    pad = student.tokenizer.pad_token_id
-    window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "micro": 0, "tokens": 0, "data_s": 0.0, "compute_s": 0.0,
-              "t0": time.perf_counter()}
-    fail_marker = config.get("fail_once_at_step_marker")  # test hook: crash one worker once, mid-run
-    micro = 0
-    allocator = loaded_allocator()  # reported with the metrics: did training.allocator reach this worker?
-    model.train()
-    while step < tc.max_steps:
+    while s.step < tc.max_steps:
         any_batch = False
-        for batch in _timed(shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"), window):
+        for batch in _timed(shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"), s.window):
             built = time.perf_counter()
-            examples, _ = build_examples(_rows(batch), student.tokenizer, tc.max_len, same_tok, use_kd)
+            examples = s.examples(_rows(batch))
             if not examples:
                 continue
             any_batch = True
-            tensors = {k: v.to(device) for k, v in collate(examples, pad, tc.top_k if use_kd else 0).items()}
-            computed = time.perf_counter()
-            window["data_s"] += computed - built
-            loss, m = student_loss(model, tensors, tc.kd_weight, tc.divergence, tc.beta)
-            (loss / tc.grad_accum).backward()
-            window["loss"] += loss.item()
-            window["ce"] += m["ce"]
-            window["kd"] += m["kd"]
-            window["micro"] += 1
-            window["tokens"] += m["tokens"]
-            micro += 1
-            if micro % tc.grad_accum:
-                window["compute_s"] += time.perf_counter() - computed
+            s.forward_backward(examples, since=built)
+            if s.micro % tc.grad_accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            window["compute_s"] += time.perf_counter() - computed
-            step += 1
-            if fail_marker and step == config.get("fail_once_at_step") and rank == 0 \
-                    and not os.path.exists(fail_marker):
-                Path(fail_marker).touch()
-                os._exit(1)  # a hard crash, as if the worker's node went away
-            last = step >= tc.max_steps
-            if step % tc.log_every and step % tc.checkpoint_every and not last:
+            s.optimizer_step()
+            last = s.step >= tc.max_steps
+            if s.step % tc.log_every and s.step % tc.checkpoint_every and not last:
                 continue
-            tokens_seen += window["tokens"]
-            seconds = time.perf_counter() - window["t0"]
-            metrics = {"step": step, "loss": window["loss"] / max(1, window["micro"]),
-                       "ce": window["ce"] / max(1, window["micro"]), "kd": window["kd"] / max(1, window["micro"]),
-                       "lr": sched.get_last_lr()[0], "tokens_per_s": window["tokens"] / seconds if seconds else 0.0,
-                       "tokens_seen": tokens_seen, "data_wait_s": window["data_s"], "compute_s": window["compute_s"],
-                       "window_s": seconds, "allocator": allocator}
-            window.update(loss=0.0, ce=0.0, kd=0.0, micro=0, tokens=0, data_s=0.0, compute_s=0.0,
-                          t0=time.perf_counter())
-            if rank == 0 and config.get("metrics_file"):
-                with open(config["metrics_file"], "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            if step % tc.checkpoint_every == 0 or last:
-                with tempfile.TemporaryDirectory() as d:
-                    if rank == 0:
-                        state = {**metrics, "student": config["student"],
-                                 "dataset_version": config.get("dataset_version")}
-                        checkpoints.save(d, model, state, opt, sched)
-                        if config.get("registry") is not None:  # every checkpoint becomes a student version
-                            config["registry"].publish(d, state, student.base.fingerprint,
-                                                       student.tokenizer_fingerprint)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-            else:
-                ray.train.report(metrics)
+            checkpoint = s.step % tc.checkpoint_every == 0 or last
+            s.report(s.window_metrics(),
+                     checkpoint_state={"dataset_version": config.get("dataset_version")} if checkpoint else None)
             if last:
                 break
         if not any_batch:
@@ -170,22 +233,18 @@ class TrainResult:
     seconds: float
 
 
-def run_training(dataset, student: StudentConfig, training: TrainingConfig, storage: str | os.PathLike,
-                 name: str, resume_from: Optional[str] = None, dataset_version: Optional[int] = None,
-                 metrics_file: Optional[str] = None, same_tokenizer: bool = True, registry=None,
-                 test_hooks: Optional[dict] = None) -> TrainResult:
-    """Fit the student on `dataset` (a Ray Dataset of DATASET_SCHEMA rows). Each call is a new Ray Train run
-    with a unique name under `storage`; `resume_from` continues from an earlier run's checkpoint."""
+def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingConfig, storage: str | os.PathLike,
+                name: str, datasets: Optional[dict] = None) -> TrainResult:
+    """Run `loop(config)` on `training.num_workers` Ray Train workers (fractional CPUs each, the allocator
+    env of training.allocator) as a new Ray Train run with a unique name under `storage`, restarting the
+    worker group from its last checkpoint up to training.max_failures times."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     env = worker_env(training.allocator)  # before Ray Train starts: a missing tcmalloc is a clear error
-    config = {"student": student.model_dump(), "training": training.model_dump(), "resume_from": resume_from,
-              "dataset_version": dataset_version, "metrics_file": metrics_file, "same_tokenizer": same_tokenizer,
-              "registry": registry, **(test_hooks or {})}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
                                                resources_per_worker={"CPU": training.cpus_per_worker}),
@@ -195,9 +254,21 @@ def run_training(dataset, student: StudentConfig, training: TrainingConfig, stor
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env}),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     result = trainer.fit()
     ckpt = result.checkpoint.path if result.checkpoint else None
     return TrainResult(ckpt, int((result.metrics or {}).get("step", 0)), dict(result.metrics or {}),
                        time.perf_counter() - t0)
+
+
+def run_training(dataset, student: StudentConfig, training: TrainingConfig, storage: str | os.PathLike,
+                 name: str, resume_from: Optional[str] = None, dataset_version: Optional[int] = None,
+                 metrics_file: Optional[str] = None, same_tokenizer: bool = True, registry=None,
+                 test_hooks: Optional[dict] = None) -> TrainResult:
+    """Fit the student on `dataset` (a Ray Dataset of DATASET_SCHEMA rows). Each call is a new Ray Train run
+    with a unique name under `storage`; `resume_from` continues from an earlier run's checkpoint."""
+    config = {"student": student.model_dump(), "training": training.model_dump(), "resume_from": resume_from,
+              "dataset_version": dataset_version, "metrics_file": metrics_file, "same_tokenizer": same_tokenizer,
+              "registry": registry, **(test_hooks or {})}
+    return fit_workers(train_loop_per_worker, config, training, storage, name, datasets={"train": dataset})

@@ -1,0 +1,153 @@
+"""The prompt intake stream in a real Redis, and the streaming scheduler over it (fake replicas, real store):
+acknowledgement after storage, re-delivery after a crash, de-duplication, backpressure, shards by age."""
+
+import asyncio
+import threading
+import time
+
+import pyarrow.compute as pc
+import pytest
+
+from backpack.data.store import DatasetStore
+from backpack.errors import InputError
+from backpack.intake import GROUP, Intake, IntakeSource, backlog
+from backpack.runtime.redis_server import RunKeys
+from backpack.scheduler import Scheduler
+from tests.test_scheduler import FakeReplica
+
+RUN = "live"
+
+
+def stop_when(source, store, n_rows, timeout=20.0):
+    """Set the run's stop flag once the store holds `n_rows` rows (from another thread)."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and store.manifest().summary()["rows"] < n_rows:
+            time.sleep(0.05)
+        source.client.set(RunKeys(RUN)("control", "stop"), "1")
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def stream(redis_url, store, replicas=None, answered=(), **kw):
+    source = IntakeSource(redis_url, RUN, answered=set(answered))
+    sched = Scheduler(replicas or [FakeReplica("a", batch_size=4)], store, **kw)
+    return source, sched
+
+
+def test_push_validates_dedups_and_refuses_reused_ids(redis_server):
+    intake = Intake(redis_server.url, RUN, max_chars=50)
+    first = intake.push("What is Ray?", task="docs")
+    assert first.accepted
+    again = intake.push("What is Ray?", task="docs")  # same content and decoding: answered once
+    assert not again.accepted and again.query_id == first.query_id
+    assert intake.push("What is Ray?", task="docs", decoding={"max_new_tokens": 9}).accepted  # other decoding
+    assert intake.push("Hi", id="mine").query_id == "mine"
+    with pytest.raises(InputError, match="'mine' was already used"):
+        intake.push("Something else", id="mine")
+    with pytest.raises(InputError, match="empty prompt"):
+        intake.push("   ")
+    with pytest.raises(InputError, match="over the limit of 50"):
+        intake.push("x" * 51)
+    with pytest.raises(InputError, match="decoding"):
+        intake.push("ok", decoding={"temperature": -1})
+    b = backlog(redis_server.url, RUN)
+    assert (b.waiting, b.in_progress, b.pushed, b.duplicates) == (3, 0, 3, 1)
+
+
+def test_stream_answers_each_prompt_once_and_acks_after_store(redis_server, tmp_path):
+    intake = Intake(redis_server.url, RUN)
+    for i in range(10):
+        intake.push(f"prompt {i}")
+    store = DatasetStore(tmp_path / "ds")
+    source, sched = stream(redis_server.url, store, flush_rows=4, flush_seconds=60)
+    acked_before_store = []
+    real_stored = source.stored
+
+    def checked(table):  # the stream may forget a prompt only once its answer is in the store
+        ids = set(store.read(columns=["query_id"]).column("query_id").to_pylist())
+        acked_before_store.extend(q for q in table.column("query_id").to_pylist() if q not in ids)
+        real_stored(table)
+    source.stored = checked
+    stop_when(source, store, 8)  # the last 2 answers wait in the buffer (flush_seconds=60): a stop writes them
+    summary = asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    rows = store.read()
+    assert sorted(rows.column("query_id").to_pylist()) == sorted(set(rows.column("query_id").to_pylist()))
+    assert rows.num_rows == 10 and summary["ok_rows"] == 10 and not acked_before_store
+    b = backlog(redis_server.url, RUN)
+    assert (b.waiting, b.in_progress, b.answered) == (0, 0, 10)
+    assert source.client.xlen(RunKeys(RUN)("intake")) == 0  # acknowledged entries are deleted
+
+
+def test_crash_redelivers_unacknowledged_prompts_without_duplicates(redis_server, tmp_path):
+    intake = Intake(redis_server.url, RUN)
+    for i in range(6):
+        intake.push(f"prompt {i}")
+    store = DatasetStore(tmp_path / "ds")
+    # A scheduler reads 4 prompts, stores the answers of 2 of them, then dies before acknowledging anything.
+    crashed = IntakeSource(redis_server.url, RUN, answered=set())
+    got, _ = crashed.fetch(4)
+    assert len(got) == 4
+    from backpack.core.schema import completions_to_table
+    from backpack.core.types import Completion
+    store.append(completions_to_table(got[:2], [Completion(q.id, "t", text="ok", token_ids=[1]) for q in got[:2]]))
+    assert backlog(redis_server.url, RUN).in_progress == 4
+    # The restarted scheduler (same consumer name) gets the 4 back, skips the 2 already stored, answers the rest.
+    source, sched = stream(redis_server.url, store, answered=store.answered_ids(), flush_rows=2)
+    stop_when(source, store, 6)
+    asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    ids = store.read(columns=["query_id"]).column("query_id").to_pylist()
+    assert len(ids) == 6 == len(set(ids))
+    assert backlog(redis_server.url, RUN).in_progress == 0
+
+
+def test_backpressure_shards_by_age_and_failures_reported(redis_server, tmp_path):
+    intake = Intake(redis_server.url, RUN)
+    for i in range(12):
+        intake.push("poison" if i == 5 else f"prompt {i}")
+    store = DatasetStore(tmp_path / "ds")
+    rep = FakeReplica("a", batch_size=2, max_in_flight=1, delay=0.05)
+    source, sched = stream(redis_server.url, store, [rep], flush_rows=1000, flush_seconds=0.3, max_pending=3,
+                           max_retries=0)
+    seen = []
+    real_fetch = source.fetch
+
+    def fetch(max_rows, block_ms=0):  # record how many prompts the scheduler asked for at most
+        seen.append(max_rows)
+        return real_fetch(max_rows, block_ms)
+    source.fetch = fetch
+    stop_when(source, store, 12)
+    asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    assert max(seen) <= 3  # never more than max_pending prompts out of the stream at once
+    m = store.manifest()
+    assert m.summary()["rows"] == 12 and len(m.shards) > 1  # flush_rows never reached: shards written by age
+    rows = store.read()
+    failed = rows.filter(pc.equal(rows.column("status"), "failed"))
+    assert failed.num_rows == 1 and "poison" in failed.column("messages").to_pylist()[0][0]["content"]
+    b = backlog(redis_server.url, RUN)
+    assert (b.answered, b.failed, b.in_progress, b.waiting) == (11, 1, 0, 0)
+    # the failed prompt's dedup record is gone: pushing it again queues a retry
+    assert intake.push("poison").accepted
+
+
+def test_stop_leaves_unsent_prompts_for_the_next_run(redis_server, tmp_path):
+    intake = Intake(redis_server.url, RUN)
+    for i in range(8):
+        intake.push(f"prompt {i}")
+    store = DatasetStore(tmp_path / "ds")
+    rep = FakeReplica("a", batch_size=2, max_in_flight=1, delay=0.3)
+    source, sched = stream(redis_server.url, store, [rep], flush_rows=1)
+    stop_when(source, store, 2)
+    asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    done = store.manifest().summary()["rows"]
+    assert 2 <= done < 8
+    b = backlog(redis_server.url, RUN)
+    assert b.in_progress + b.waiting == 8 - done
+    source.client.delete(RunKeys(RUN)("control", "stop"))
+    source, sched = stream(redis_server.url, store, answered=store.answered_ids())
+    stop_when(source, store, 8)
+    asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    ids = store.read(columns=["query_id"]).column("query_id").to_pylist()
+    assert len(ids) == 8 == len(set(ids))
+    assert source.client.xpending(RunKeys(RUN)("intake"), GROUP)["pending"] == 0
