@@ -1,12 +1,20 @@
 """The `backpack` command.
 
     backpack run CONFIG [key=value ...]          generate, train the student, evaluate (a whole distillation)
+    backpack run CONFIG --continual              keep answering pushed prompts, training, serving (Ctrl-C stops)
     backpack generate CONFIG [key=value ...]     answer a prompt collection into a versioned dataset
     backpack train CONFIG [key=value ...]        train the run's student (resumes from its last checkpoint)
     backpack eval CONFIG [--version N]           score versions against the teacher, write the report
     backpack validate CONFIG [key=value ...]     check a config and print it resolved
     backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset
     backpack data export PATH --format jsonl     write a dataset as JSON lines
+
+Beside a run, live or not (they reach its Redis; they take [key=value ...] overrides too, see backpack/ops.py):
+    backpack ingest CONFIG FILE|-                push prompts (JSONL records or plain text lines; - is stdin)
+    backpack status CONFIG [--json]              backlog, dataset, trainer step, versions, live version, server
+    backpack versions CONFIG [--json]            the student versions, their gate decisions, the live one
+    backpack promote CONFIG N                    serve student version N (0: the base model)
+    backpack rollback CONFIG                     serve the version that was live before the current one
 
 Bad input exits with status 2 and one message; nothing is printed as a traceback unless BACKPACK_DEBUG=1.
 """
@@ -129,12 +137,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """generate (answered prompts are reused) -> train -> evaluate, then the report table."""
+    """generate (answered prompts are reused) -> train -> evaluate, then the report table; with --continual,
+    the continual loop until stopped."""
     from backpack.core.config import load_config
     from backpack.distill import evaluate, require_sections, train
     from backpack.pipeline import generate
 
     cfg = load_config(args.config, args.overrides)
+    if args.continual:
+        return _run_continual(cfg, args)
     require_sections(cfg, "student", "training")  # before generating, not after
     rep = _BarReporter(args.quiet)
     t0 = time.perf_counter()
@@ -148,6 +159,18 @@ def cmd_run(args) -> int:
     report = evaluate(cfg, None, rep)
     _print_report(report)
     print(f"report: {cfg.run_dir / 'report' / 'report.md'} (whole run {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _run_continual(cfg, args) -> int:
+    from backpack.continual import ContinualRun
+
+    res = ContinualRun(cfg, _BarReporter(args.quiet)).run()
+    restarts = ", ".join(f"{part} x{n}" for part, n in sorted(res.restarts.items())) or "none"
+    print(f"continual run {cfg.name} stopped after {res.seconds:.0f} s: {res.answered} prompt(s) answered, "
+          f"{res.failed} failed; trainer at step {res.step}; new student version(s) {res.versions or 'none'}; "
+          f"live version {res.live if res.live is not None else '0 (base)'}; restarts: {restarts}")
+    print("run the same command again to resume")
     return 0
 
 
@@ -201,6 +224,58 @@ def cmd_data_export(args) -> int:
     return 0
 
 
+def _side_config(args):
+    """The config of a command beside a run: it loads no model and reads no prompt file, so their paths are
+    not checked (a status must not fail on a teacher model missing on this machine)."""
+    from backpack.core.config import load_config
+
+    return load_config(args.config, args.overrides, check_files=False)
+
+
+def cmd_ingest(args) -> int:
+    from backpack import ops
+
+    res = ops.ingest(_side_config(args), args.source)
+    summary, rejected = ops.format_ingest(res)
+    print(summary)
+    for line in rejected:
+        print(line, file=sys.stderr)
+    return 2 if res.rejected else 0
+
+
+def cmd_status(args) -> int:
+    from backpack import ops
+
+    s = ops.status(_side_config(args))
+    print(json.dumps(s, indent=2) if args.json else ops.format_status(s))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from backpack import ops
+
+    v = ops.versions(_side_config(args))
+    print(json.dumps(v, indent=2) if args.json else ops.format_versions(v))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from backpack import ops
+
+    version, was = ops.promote(_side_config(args), args.n)
+    print(f"version {version} is already live" if was == version
+          else f"version {version} is live (was {ops.was_text(was)})")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from backpack import ops
+
+    version, was = ops.rollback(_side_config(args))
+    print(f"version {version} is live again (was {ops.was_text(was)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backpack", description="Distil small student models from teacher models.")
     p.add_argument("--version", action="version", version=f"backpack {__version__}")
@@ -216,10 +291,36 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     config_command("generate", "answer a prompt collection with the run's teachers into a dataset", cmd_generate)
-    config_command("run", "generate, train the student, evaluate: a whole distillation", cmd_run)
+    config_command("run", "generate, train the student, evaluate: a whole distillation", cmd_run) \
+        .add_argument("--continual", action="store_true",
+                      help="run the continual loop until stopped (Ctrl-C): answer prompts pushed to the run's "
+                           "intake, keep training, serve each promoted student version")
     config_command("train", "train the run's student on its dataset (resumes from its last checkpoint)", cmd_train)
     config_command("eval", "evaluate student versions against the teacher and write the report", cmd_eval) \
         .add_argument("--version", type=int, default=None, help="one version (default: all, and version 0)")
+
+    def side_command(name: str, help: str, func, *positional: tuple[str, dict],
+                     json_flag: bool = False) -> argparse.ArgumentParser:
+        """A command beside a run: the config, its own positionals, then field overrides."""
+        c = sub.add_parser(name, help=help)
+        c.add_argument("config", help="run config (YAML)")
+        for arg, kw in positional:
+            c.add_argument(arg, **kw)
+        c.add_argument("overrides", nargs="*", help="field overrides, e.g. storage.path=/data/runs")
+        if json_flag:
+            c.add_argument("--json", action="store_true", help="print one JSON object")
+        c.set_defaults(func=func)
+        return c
+
+    side_command("ingest", "push prompts to a run's intake stream (answered by the live run, or the next one)",
+                 cmd_ingest, ("source", {"metavar": "FILE|-", "help": "JSONL records or plain text lines, one "
+                                                                      "prompt a line; - reads standard input"}))
+    side_command("status", "a run's backlog, dataset, trainer, versions and server", cmd_status, json_flag=True)
+    side_command("versions", "a run's student versions, their gate decisions, the live one", cmd_versions,
+                 json_flag=True)
+    side_command("promote", "serve a student version (0: the base model)", cmd_promote,
+                 ("n", {"type": int, "metavar": "N", "help": "the student version"}))
+    side_command("rollback", "serve the version that was live before the current one", cmd_rollback)
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")
@@ -247,9 +348,22 @@ def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis
     raise KeyboardInterrupt
 
 
+def _flags_last(argv: list[str]) -> list[str]:
+    """The subcommand's flags moved after its positionals: argparse cannot fill `overrides` (nargs="*") once
+    a flag has come between them and the config (`run CONFIG --continual key=value` would fail)."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    switches = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
+    rest = argv[1:]
+    return [argv[0]] + [a for a in rest if a not in switches] + [a for a in rest if a in switches]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_flags_last(list(sys.argv[1:] if argv is None else argv)))
     signal.signal(signal.SIGTERM, _sigterm)
+    # Ctrl-C stops cleanly even when started from a shell that ignores SIGINT for background jobs (the
+    # ignore is inherited, and Python then installs no KeyboardInterrupt handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # transformers draws a bar for every model load (under a second once converted); the run's stages say what
     # happens. Set before transformers is imported, which reads it once.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -62,14 +62,14 @@ def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
             for t in cfg.teachers}
 
 
-def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig, bool]:
-    """Checks before Ray Train starts. Returns the training config to use and whether teacher token ids can be
-    used as-is (shared tokenizer)."""
+def student_checks(cfg: RunConfig, rep: Reporter):
+    """The checks of the student before any data is looked at: it loads (a missing base, a bad LoRA target,
+    bad layers: clear errors here), and it shares its tokenizer with the teachers when token-level KD is
+    asked for. Returns (training config to use, whether teacher token ids can be used as-is, the student)."""
     from backpack.student.autopilot import load_student
-    from backpack.student.examples import build_examples
 
     tc = cfg.training
-    student = load_student(cfg.student)  # a missing base, a bad LoRA target, bad layers: clear errors here
+    student = load_student(cfg.student)
     teachers = teacher_tokenizer_fingerprints(cfg)
     same = all(fp == student.tokenizer_fingerprint for fp in teachers.values())
     if not same:
@@ -80,6 +80,15 @@ def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig
                              "training.on_tokenizer_mismatch=sequence_level to train on their text instead")
         rep.stage(f"teachers {names} use another tokenizer: training on their text only (sequence-level KD)")
         tc = tc.model_copy(update={"kd_weight": 0.0})
+    return tc, same, student
+
+
+def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig, bool]:
+    """Checks before Ray Train starts. Returns the training config to use and whether teacher token ids can be
+    used as-is (shared tokenizer)."""
+    from backpack.student.examples import build_examples
+
+    tc, same, student = student_checks(cfg, rep)
     rows = train_rows.to_pylist()
     examples, stats = build_examples(rows, student.tokenizer, tc.max_len, same, use_logprobs=False)
     if not examples:

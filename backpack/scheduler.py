@@ -131,6 +131,21 @@ class Scheduler:
         """Ask `run_stream` to stop (callable while it runs: the scheduler actor is an async actor)."""
         self._stop = True
 
+    def dead_replicas(self) -> list[str]:
+        """Names of the replicas found dead (a fatal error), for the driver to respawn."""
+        return [v.name for v in self.views if not v.alive]
+
+    def replace_replica(self, replica: ReplicaHandle) -> None:
+        """Put `replica` in the place of the replica of the same name (a respawned teacher actor): it gets work
+        from now on; batches still out at the old one fail over as usual."""
+        idx = next(i for i, r in enumerate(self.replicas) if r.name == replica.name)
+        old = self.views[idx]
+        self.replicas[idx] = replica
+        self.views[idx] = ReplicaView(replica.name, replica.teacher, in_flight=old.in_flight,
+                                      max_in_flight=replica.max_in_flight, served=old.served)
+        if self.progress:
+            self.progress.replica_state(replica.name, "alive")
+
     async def _serve(self, queries: Optional[pa.Table], source: Optional[QuerySource],
                      poll_seconds: float = 1.0) -> dict:
         t0 = time.perf_counter()
@@ -165,20 +180,25 @@ class Scheduler:
                     elif batch.exclude and can_ever_serve(self.views, batch.teacher, frozenset()):
                         batch.exclude.clear()  # only replicas that failed it are left: let them try again
                         pending.append(batch)
+                    elif source is not None and not stopping and self._may_return(batch.teacher):
+                        pending.append(batch)  # streaming: a dead replica is respawned (replace_replica)
                     else:
                         self._fail(batch, summary)
                     continue
                 self._last = idx
                 self.views[idx].in_flight += 1
-                task = asyncio.ensure_future(self._call(self.replicas[idx], batch.table))
-                inflight[task] = (idx, batch)
+                replica = self.replicas[idx]
+                task = asyncio.ensure_future(self._call(replica, batch.table))
+                inflight[task] = (idx, batch, replica)
             if not inflight:
+                if pending:
+                    await asyncio.sleep(0.2)  # nothing could be sent: wait for a replica to come back
                 continue
             # Streaming: wake up now and then to read new prompts and to write shards that grew old.
             done, _ = await asyncio.wait(inflight, timeout=None if source is None else min(0.5, poll_seconds),
                                          return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                idx, batch = inflight.pop(task)
+                idx, batch, replica = inflight.pop(task)
                 view = self.views[idx]
                 view.in_flight -= 1
                 err = task.exception()
@@ -188,7 +208,8 @@ class Scheduler:
                     continue
                 cause = f"{type(err).__name__}: {err}".strip()[:2000]
                 log.warning("batch of %d failed on %s: %s", batch.table.num_rows, view.name, cause[:200])
-                if self.replicas[idx].is_fatal(err) and view.alive:
+                # (a late failure of a replica already replaced must not mark its successor dead)
+                if replica.is_fatal(err) and view.alive and self.replicas[idx] is replica:
                     view.alive = False
                     summary.dead_replicas[view.name] = cause[:500]
                     if self.progress:
@@ -212,7 +233,7 @@ class Scheduler:
 
     async def _fetch(self, source: QuerySource, pending: deque, inflight: dict, summary: RunSummary,
                      poll_seconds: float) -> None:
-        waiting = sum(b.table.num_rows for b in pending) + sum(b.table.num_rows for _, b in inflight.values())
+        waiting = sum(b.table.num_rows for b in pending) + sum(b.table.num_rows for _, b, _ in inflight.values())
         room = self.max_pending - waiting
         if room <= 0:
             return  # backpressure: the stream holds the rest
@@ -230,6 +251,11 @@ class Scheduler:
         if queries:
             summary.queries += len(queries)
             pending.extend(self._batches(queries_to_table(queries)))
+
+    def _may_return(self, teacher: Optional[str]) -> bool:
+        """Whether a replica of `teacher` (any, for None) exists, dead or alive: in a streaming run the driver
+        respawns dead ones, so their batches wait instead of failing."""
+        return any(teacher is None or v.teacher == teacher for v in self.views)
 
     def _flush_if_old(self) -> None:
         if self._source is not None and self._buffer and time.monotonic() - self._buffer_since >= self.flush_seconds:

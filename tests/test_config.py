@@ -101,8 +101,9 @@ def test_every_shipped_yaml_loads(path, monkeypatch):
     load_config(path)
 
 
-def test_quickstart_has_a_comment_above_every_field():
-    lines = (EXAMPLES / "quickstart.yaml").read_text().splitlines()
+@pytest.mark.parametrize("name", ["quickstart.yaml", "continual.yaml"])
+def test_shipped_examples_have_a_comment_above_every_field(name):
+    lines = (EXAMPLES / name).read_text().splitlines()
     for i, line in enumerate(lines):
         stripped = line.strip()
         if stripped and not stripped.startswith("#"):

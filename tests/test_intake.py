@@ -5,6 +5,7 @@ import asyncio
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -151,3 +152,34 @@ def test_stop_leaves_unsent_prompts_for_the_next_run(redis_server, tmp_path):
     ids = store.read(columns=["query_id"]).column("query_id").to_pylist()
     assert len(ids) == 8 == len(set(ids))
     assert source.client.xpending(RunKeys(RUN)("intake"), GROUP)["pending"] == 0
+
+
+def test_a_redis_restart_from_its_aof_loses_no_acknowledged_state(tmp_path):
+    """Redis killed hard (SIGKILL, no shutdown save) and started again on its AOF: the backlog, what was
+    acknowledged, the de-duplication records, the counters and the live student version are all still there.
+    (Redis writes the AOF before it answers a command; `appendfsync everysec` bounds what a machine crash, not a
+    process crash, could lose to the last second.)"""
+    from backpack.runtime.redis_server import EmbeddedRedis
+    from backpack.student.registry import Registry
+
+    first = EmbeddedRedis(tmp_path / "redis").start()
+    try:
+        intake = Intake(first.url, RUN)
+        ids = [intake.push(f"question {i}").query_id for i in range(3)]
+        source = IntakeSource(first.url, RUN, answered=set())
+        got, _ = source.fetch(3)
+        assert [q.id for q in got] == ids
+        answered = [q.id for q in got[:2]]
+        source.stored(pa.table({"query_id": answered, "status": ["ok", "ok"]}))
+        Registry(first.url, RUN, tmp_path).promote(0, by="test", reason="before the crash")
+    finally:
+        first.proc.kill()  # no SIGTERM: nothing is saved on the way down
+        first.proc.wait()
+    with EmbeddedRedis(tmp_path / "redis") as again:
+        b = backlog(again.url, RUN)
+        assert (b.waiting, b.in_progress, b.pushed, b.answered) == (0, 1, 3, 2)
+        assert not Intake(again.url, RUN).push("question 0").accepted  # still a duplicate
+        assert Registry(again.url, RUN, tmp_path).live() == 0
+        # the one prompt read but never stored is delivered again to the scheduler that had it
+        got, _ = IntakeSource(again.url, RUN, answered=set(answered)).fetch(10)
+        assert [q.id for q in got] == [ids[2]]

@@ -40,7 +40,7 @@ class Manifest:
     def add(self, path: str, rows: int, ok: int, failed: int, teachers: dict[str, int]) -> ShardEntry:
         entry = ShardEntry(version=self.version + 1, path=path, rows=rows, ok=ok, failed=failed,
                            teachers=dict(teachers),
-                           created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                           created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"))
         self.shards.append(entry)
         return entry
 

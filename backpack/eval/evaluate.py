@@ -50,19 +50,33 @@ def _teacher_forced(model, tokenizer, rows, max_len: int, top_k: int, batch_size
 
 
 def evaluate_model(model, tokenizer, rows: list[dict], name: str, max_new_tokens: int = 64, max_len: int = 512,
-                   top_k: int = 4, batch_size: int = 8) -> dict:
-    """All metrics of one model on held-out teacher rows (status ok)."""
+                   top_k: int = 4, batch_size: int = 8, generate: bool = True) -> dict:
+    """All metrics of one model on held-out teacher rows (status ok).
+
+    With `generate=False` only the teacher-forced metrics are computed (nll, perplexity, kl_to_teacher, with
+    eval_rows, eval_tokens, params): one forward pass per batch and no greedy answers, so the keys that need
+    them (chrf, gen_tokens_per_s, samples) are left out. The promotion gate uses this for nll and kl."""
+    rows = [r for r in rows if r["status"] == "ok"]
+    if not rows:
+        raise ValueError("no held-out rows to evaluate on")
+    model.eval()
+    nll, kl, tokens = _teacher_forced(model, tokenizer, rows, max_len, top_k, batch_size)
+    params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
+    out = {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "kl_to_teacher": kl,
+           "eval_rows": len(rows), "eval_tokens": tokens, "params": params}
+    if generate:
+        out.update(_greedy_metrics(model, tokenizer, rows, name, max_new_tokens, batch_size))
+    return out
+
+
+def _greedy_metrics(model, tokenizer, rows: list[dict], name: str, max_new_tokens: int, batch_size: int) -> dict:
+    """chrF of the model's greedy answers against the teacher's, its generation speed, and a few samples."""
     import pyarrow as pa
     from sacrebleu.metrics import CHRF
 
     from backpack.core.schema import DATASET_SCHEMA, QUERY_SCHEMA, queries_to_table
     from backpack.teachers.hf import HFTeacher
 
-    rows = [r for r in rows if r["status"] == "ok"]
-    if not rows:
-        raise ValueError("no held-out rows to evaluate on")
-    model.eval()
-    nll, kl, tokens = _teacher_forced(model, tokenizer, rows, max_len, top_k, batch_size)
     # greedy answers through the same generation code the teachers use
     queries = table_to_queries(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA).select(QUERY_SCHEMA.names))
     greedy = DecodingParams(max_new_tokens=max_new_tokens)
@@ -76,9 +90,6 @@ def evaluate_model(model, tokenizer, rows: list[dict], name: str, max_new_tokens
     refs = [r["text"] for r in rows]
     chrf = CHRF().corpus_score(hyps, [refs]).score
     gen_tokens = sum(a["completion_tokens"] for a in answers)
-    params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())  # tied weights once
-    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "chrf": chrf, "kl_to_teacher": kl,
-            "eval_rows": len(rows), "eval_tokens": tokens, "params": params,
-            "gen_tokens_per_s": gen_tokens / seconds if seconds else 0.0,
+    return {"chrf": chrf, "gen_tokens_per_s": gen_tokens / seconds if seconds else 0.0,
             "samples": [{"prompt": r["messages"][-1]["content"], "teacher": r["text"], "student": h}
                         for r, h in list(zip(rows, hyps))[:3]]}

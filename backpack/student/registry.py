@@ -59,10 +59,11 @@ class Registry:
         return version
 
     def get(self, version: int) -> dict:
-        raw = self.client.hget(self.keys("students", f"v{version}"), "meta")
+        """A version's metadata, with meta["gate"]: the promotion gate's record of it (None: not judged yet)."""
+        raw, gate = self.client.hmget(self.keys("students", f"v{version}"), ["meta", "gate"])
         if raw is None:
             raise KeyError(f"no student version {version} in run {self.run!r}")
-        return json.loads(raw)
+        return {**json.loads(raw), "gate": json.loads(gate) if gate is not None else None}
 
     def versions(self) -> list[dict]:
         n = int(self.client.get(self.keys("students", "next")) or 0)
@@ -109,6 +110,16 @@ class Registry:
         pipe.xadd(self.keys("events"), {"type": "promoted", "version": target, "by": by, "reason": "rollback"})
         pipe.execute()
         return target
+
+    def set_gate(self, version: int, record: dict) -> None:
+        """Store the promotion gate's record of `version` (JSON in its hash, field "gate"; a later judgement of
+        the same version replaces it) and emit a `gate` event with its decision ("promoted" | "kept")."""
+        self.get(version)  # KeyError naming the version if it does not exist
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys("students", f"v{version}"), "gate", json.dumps(record))
+        pipe.xadd(self.keys("events"), {"type": "gate", "version": version, "decision": record["decision"],
+                                        "reason": str(record.get("reason", ""))[:500]})
+        pipe.execute()
 
     def events(self, after: str = "-", count: int = 100) -> list[tuple[str, dict]]:
         """Registry events after stream id `after` ("-" = from the start)."""
