@@ -156,6 +156,7 @@ def main() -> int:
             break
         time.sleep(2)
     watcher.stop()
+    versions = registry.versions()  # before the stop: the embedded Redis goes with the run
     run.stop()
     thread.join(900)
 
@@ -175,7 +176,7 @@ def main() -> int:
     tokens = sum(t for t, c in zip(table.column("completion_tokens").to_pylist(),
                                    table.column("created_at").to_pylist()) if c and c.timestamp() >= t_push)
     served = []
-    for m in registry.versions():
+    for m in versions:
         if m["version"] in watcher.first_seen:
             served.append((m["version"], watcher.first_seen[m["version"]] - m["created_at"]))
 

@@ -62,10 +62,10 @@ def redis_server(tmp_path):
         yield server
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
-    """Run `python -m backpack.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, input: str | None = None):
+    """Run `python -m backpack.cli ARGS` in a subprocess (`input`: its stdin); returns CompletedProcess (text)."""
     import subprocess
 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "backpack.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=REPO)
+                          env=full_env, timeout=timeout, cwd=REPO, input=input)

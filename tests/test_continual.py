@@ -190,3 +190,46 @@ def test_nothing_lost_when_a_teacher_the_scheduler_and_a_trainer_worker_die(
     counts = Counter(store.read(columns=["query_id"]).column("query_id").to_pylist())
     assert all(counts[q] == 1 for q in pushed)
     assert any("seed" in s and "0 pushed" in s for s in second.stages)  # the seed prompts were not pushed twice
+
+
+def test_cli_continual_run_status_while_live_and_ctrl_c(ray_session, tiny_model_dir, tmp_path):
+    """`backpack run --continual` as a user runs it (embedded Redis): `backpack status` finds the live run and
+    its server, Ctrl-C stops it cleanly with a summary, and nothing of it is left running."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO, run_cli
+
+    cfg = _config(tmp_path, tiny_model_dir, None).model_dump(mode="json")
+    cfg["ray"]["address"] = ray_session.get_runtime_context().gcs_address
+    cfg["ray"]["namespace"] = "cli-continual"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "backpack.cli", "run", str(path), "--continual"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoint = tmp_path / "runs" / "cont" / "redis" / "endpoint.json"
+        _wait("the run to serve", lambda: endpoint.exists() and _status(path).get("server"), timeout=300,
+              every=2.0)
+        status = _status(path)
+        assert status["server"]["url"].startswith("http://127.0.0.1:")
+        assert status["backlog"]["pushed"] == 4  # the seed prompts
+        ingest = run_cli("ingest", str(path), "-", input="a prompt pushed from stdin\n")
+        assert ingest.returncode == 0 and "1 accepted" in ingest.stdout, ingest.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped after" in out and "run the same command again to resume" in out
+    assert "Traceback" not in err
+    assert not endpoint.exists()  # the embedded Redis is gone with the run
+
+
+def _status(path) -> dict:
+    from conftest import run_cli
+
+    proc = run_cli("status", str(path), "--json")
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
