@@ -140,13 +140,13 @@ class ContinualRun:
         self.registry = Registry(self.url, cfg.name, cfg.run_dir)
         self.known_versions = {m["version"] for m in self.registry.versions()}
         self._seed_prompts()
+        self._start_server()  # first: a port already in use is a clear error before anything slow starts
         self.rep.stage(f"loading {sum(t.replicas for t in cfg.teachers)} teacher replica(s)")
         self.pool.start(report=self.rep.stage)
         self._start_scheduler()
         resume = latest_checkpoint(cfg.run_dir)
         self._start_trainer(resume[0] if resume else None)
         self.rep.stage("training continually" + (f" from step {resume[1]}" if resume else ""))
-        self._start_server()
         self.gate = _GateThread(self)
         self.gate.start()
         ready = {"redis_url": self.url, "server_url": self.server_url, "run": cfg.name,
@@ -207,9 +207,9 @@ class ContinualRun:
         try:
             self.server_url = ray.get(self.server.start.remote())
         except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            raise cause if isinstance(cause, BackpackError) else BackpackError(
-                f"the student server did not start: {str(e).splitlines()[-1]}") from None
+            if isinstance(e.cause, BackpackError):  # e.g. serve.port already in use: its own clear message
+                raise e.cause from None
+            raise BackpackError(f"the student server did not start: {type(e.cause).__name__}: {e.cause}") from None
         self.result.server_url = self.server_url
         self.redis.hset(self.keys("server"), mapping={"url": self.server_url, "version": self.registry.live() or 0})
 
@@ -262,9 +262,15 @@ class ContinualRun:
             ray.get(self.scheduler.replace_replica.remote(fresh))
             self._restart("teacher")
 
+    def _stopping(self) -> bool:
+        """Whether the run is being stopped (a part that ended because of it is not restarted)."""
+        return self._stop.is_set() or self.redis.get(self.keys("control", "stop")) == "1"
+
     def _scheduler_ended(self) -> None:
         import ray
 
+        if self._stopping():
+            return
         try:
             summary = ray.get(self.scheduler_ref)  # it returns only when asked to stop
             self._count(summary)
@@ -279,6 +285,8 @@ class ContinualRun:
 
         from backpack.distill import _last_error, latest_checkpoint
 
+        if self._stopping():
+            return
         try:
             res = ray.get(self.trainer)
             self.result.step = res.step
