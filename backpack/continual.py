@@ -75,9 +75,8 @@ class ContinualRun:
     """The driver of one continual run (see the module docstring). `run()` blocks until stopped."""
 
     def __init__(self, cfg: RunConfig, reporter: Optional[Reporter] = None,
-                 on_ready: Optional[Callable[[dict], None]] = None, test_hooks: Optional[dict] = None):
+                 on_ready: Optional[Callable[[dict], None]] = None):
         self.cfg, self.rep, self.on_ready = cfg, reporter or Reporter(), on_ready
-        self.test_hooks = test_hooks  # passed to the trainer: crash a worker once (tests)
         self.cc, self.sc = _check(cfg)
         self.keys = RunKeys(cfg.name)
         self.result = ContinualResult()
@@ -196,7 +195,7 @@ class ContinualRun:
             str(cfg.dataset_dir), cfg.student, self.tc, self.cc, str(cfg.run_dir / "train"), cfg.name,
             redis_url=self.url, run=cfg.name, heldout_fraction=(cfg.eval or EvalConfig()).heldout_fraction,
             resume_from=resume_from, metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
-            same_tokenizer=self.same_tokenizer, registry=self.registry, test_hooks=self.test_hooks)
+            same_tokenizer=self.same_tokenizer, registry=self.registry)
 
     def _start_server(self) -> None:
         import ray
