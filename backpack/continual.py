@@ -37,6 +37,7 @@ from backpack.runtime import ray_runtime
 from backpack.runtime.redis_server import RunKeys, connect
 
 WATCH_S = 1.0           # how often the driver looks at its parts
+RESPAWN_TIMEOUT_S = 300.0  # a respawned teacher replica that is not ready by then is given up and tried again
 MAX_TRAINER_RESTARTS = 5  # past this many trainer failures the run stops with the last error
 
 
@@ -178,13 +179,14 @@ class ContinualRun:
         from backpack.runtime.progress import RedisProgress
 
         sc = self.cfg.scheduler
-        answered = {q for q, status in self.store.query_status().items() if status == OK}
+        status = self.store.query_status()
+        answered = {q for q, st in status.items() if st == OK}
         self.scheduler = spawn_scheduler(self.pool.replicas, self.store, RedisProgress(self.url, self.cfg.name),
                                          policy=sc.policy, max_retries=sc.max_retries, flush_rows=sc.flush_rows,
                                          flush_seconds=sc.flush_seconds, max_pending=sc.max_pending)
         # The same consumer name after a restart: the new scheduler first reads what the dead one had not stored.
-        self.scheduler_ref = self.scheduler.run_stream.remote(IntakeSource(self.url, self.cfg.name, answered),
-                                                              self.cc.poll_seconds)
+        source = IntakeSource(self.url, self.cfg.name, answered, stored_ids=set(status))
+        self.scheduler_ref = self.scheduler.run_stream.remote(source, self.cc.poll_seconds)
 
     def _start_trainer(self, resume_from: Optional[str]) -> None:
         from backpack.actors import spawn_continual_trainer
@@ -252,13 +254,19 @@ class ContinualRun:
             self.rep.stage(f"teacher replica {replica.name} died: starting it again")
             try:
                 ray.kill(replica.actor, no_restart=True)
-            except Exception:
+            except Exception:  # already gone
                 pass
             actor = spawn_teacher(cfg, replica.name)
-            ray.get(actor.ready.remote())
-            fresh = RayReplica(actor, replica.name, replica.teacher, replica.batch_size, replica.max_in_flight)
+            try:
+                ray.get(actor.ready.remote(), timeout=RESPAWN_TIMEOUT_S)
+                fresh = RayReplica(actor, replica.name, replica.teacher, replica.batch_size, replica.max_in_flight)
+                ray.get(self.scheduler.replace_replica.remote(fresh), timeout=30)
+            except Exception as e:  # not placeable now, failed to load, or the scheduler is gone: next round
+                ray.kill(actor, no_restart=True)
+                self.rep.stage(f"teacher replica {replica.name} could not be started again ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); trying again shortly")
+                continue
             self.pool.replicas[i] = fresh
-            ray.get(self.scheduler.replace_replica.remote(fresh))
             self._restart("teacher")
 
     def _stopping(self) -> bool:
@@ -276,6 +284,7 @@ class ContinualRun:
         except ray.exceptions.RayError as e:
             self.rep.stage(f"the scheduler died ({str(e).splitlines()[0][:200]}): starting it again; prompts it "
                            "had not stored are delivered again")
+        ray.kill(self.scheduler, no_restart=True)  # a scheduler whose method raised is still alive: no leak
         self._restart("scheduler")
         self._start_scheduler()
 
@@ -309,8 +318,15 @@ class ContinualRun:
             return  # busy loading a version: alive
         except ray.exceptions.RayError:
             self.rep.stage("the student server died: starting it again")
+            try:
+                ray.kill(self.server, no_restart=True)  # an unreachable but live server still holds the port
+            except Exception:
+                pass
             self._restart("server")
-            self._start_server()
+            try:
+                self._start_server()
+            except BackpackError as e:  # e.g. its port not free yet: tried again on the next round
+                self.rep.stage(f"the student server could not start again ({e}); trying again shortly")
             return
         self.redis.hset(self.keys("server"), "version", info["version"])
 
@@ -386,15 +402,19 @@ class _GateThread:
 
         run = self.run_
         gate = Gate(run.cfg, run.registry, threads=1)
+        waiting_for_rows = None  # (version, dataset version) of a version kept for want of held-out rows
         while not self._stop.is_set():
-            version = self._next_version()
-            if version is None:
-                self._stop.wait(WATCH_S)
-                continue
-            try:
+            version = None
+            try:  # nothing here may end the thread: a Redis hiccup or a broken version is retried later
+                version = self._next_version()
+                data = run.store.version
+                if version is None or waiting_for_rows == (version, data):
+                    self._stop.wait(WATCH_S)
+                    continue
                 record = gate.judge(version)
                 run.rep.stage(f"student version {version}: {record['decision']} ({record['reason']})")
-            except Exception as e:  # a broken version must not stop the run: it stays unserved
+                waiting_for_rows = (version, data) if not record["rows"] else None
+            except Exception as e:  # noqa: BLE001
                 run.rep.stage(f"the promotion gate could not judge version {version}: {type(e).__name__}: {e}")
                 self._stop.wait(WATCH_S * 10)
 

@@ -24,6 +24,7 @@ from typing import Optional
 import pyarrow as pa
 
 from backpack.core.prompts import Rejected, parse_record
+from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query, query_id
 from backpack.errors import InputError
 from backpack.runtime.redis_server import RunKeys, connect
@@ -166,10 +167,14 @@ class IntakeSource(_RunRedis):
     """
 
     def __init__(self, redis_url: str, run: str, answered: set[str], consumer: str = "scheduler",
-                 password_env: Optional[str] = None):
+                 password_env: Optional[str] = None, stored_ids: Optional[set[str]] = None):
         super().__init__(redis_url, run, password_env)
         self.consumer = consumer
         self.answered = set(answered)       # query ids with a stored successful Completion
+        # Query ids with any stored row when this source was made: an entry re-delivered from this consumer's
+        # own backlog (read before a crash) whose row is among them was stored, only its ack was lost. (A new
+        # entry for a failed id is a re-push, and is answered again.)
+        self.stored_ids = set(stored_ids or ()) | self.answered
         self._entries: dict[str, list[str]] = {}  # query id -> stream entry ids waiting for its answer
         self._hashes: dict[str, str] = {}
         self._own_pending_done = False
@@ -188,12 +193,13 @@ class IntakeSource(_RunRedis):
     def fetch(self, max_rows: int, block_ms: int = 0) -> tuple[list[Query], list[Rejected]]:
         """Up to `max_rows` new Queries (blocking up to `block_ms` when none is waiting), and the stream
         entries that could not be read as Queries (to be stored as failed rows)."""
-        count, entries = max(1, max_rows), []
+        count, entries, replay = max(1, max_rows), [], False
         if not self._own_pending_done:
             # First the entries delivered to this consumer before a crash and never acknowledged.
             self._ensure_group()
             resp = self.client.xreadgroup(GROUP, self.consumer, {self.keys("intake"): self._cursor}, count=count)
             entries = resp[0][1] if resp else []
+            replay = bool(entries)
             if entries:
                 self._cursor = entries[-1][0]
             if len(entries) < count:
@@ -209,13 +215,18 @@ class IntakeSource(_RunRedis):
                 continue
             try:
                 q = decode_query(fields["query"])
-            except (KeyError, ValueError, TypeError) as e:
+                queries_to_table([q])  # the teachers' batch type: a malformed entry fails here, not in the scheduler
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it becomes a failed row
                 bad = Query(messages=[{"role": "user", "content": str(fields)[:2000]}], id=f"rejected:intake:{sid}")
-                rejected.append(Rejected(bad, f"intake entry {sid} is not a Backpack query: {e}"))
+                if replay and bad.id in self.stored_ids:
+                    done.append(sid)  # its failed row was stored before a crash lost the acknowledgement
+                    continue
+                rejected.append(Rejected(bad, f"intake entry {sid} is not a Backpack query: "
+                                              f"{type(e).__name__}: {e}"))
                 self._entries[bad.id] = [sid]
                 continue
-            if q.id in self.answered:
-                done.append(sid)  # answered before a crash lost the acknowledgement
+            if q.id in self.answered or (replay and q.id in self.stored_ids):
+                done.append(sid)  # answered (or failed) before a crash lost the acknowledgement
                 continue
             if q.id not in self._entries:
                 queries.append(q)
@@ -238,15 +249,16 @@ class IntakeSource(_RunRedis):
             h = self._hashes.pop(qid, None)
             if st != "ok" and h is not None:
                 failed.append(h)
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self.client.pipeline(transaction=True)  # counters and acknowledgements change together
         if failed:
             pipe.hdel(self.keys("intake", "dedup"), *failed)
         ok = sum(1 for s in status.values() if s == "ok")
         pipe.hincrby(self.keys("intake", "stats"), "answered", ok)
         pipe.hincrby(self.keys("intake", "stats"), "failed", len(status) - ok)
-        pipe.execute()
         if sids:
-            self._ack(sids)
+            pipe.xack(self.keys("intake"), GROUP, *sids)
+            pipe.xdel(self.keys("intake"), *sids)
+        pipe.execute()
 
     def _ack(self, sids: list[str]) -> None:
         pipe = self.client.pipeline(transaction=True)

@@ -24,7 +24,7 @@ from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, InputError
 from backpack.runtime import ray_runtime
 from backpack.runtime.progress import RedisProgress
-from backpack.runtime.redis_server import EmbeddedRedis, connect
+from backpack.runtime.redis_server import EmbeddedRedis, connect, with_password
 
 
 @dataclass
@@ -94,8 +94,9 @@ def redis_for(cfg: RunConfig):
             finally:
                 endpoint.unlink(missing_ok=True)
     else:
-        connect(cfg.redis.url, cfg.redis.password_env).close()
-        yield cfg.redis.url
+        url = with_password(cfg.redis.url, cfg.redis.password_env)
+        connect(url).close()
+        yield url
 
 
 def _live_endpoint(cfg: RunConfig) -> Optional[str]:
@@ -116,8 +117,9 @@ def attach_redis(cfg: RunConfig):
     configured server; else the embedded server of the live run; else, with no run live, the run's embedded
     server started from its AOF for the command (under the run lock, so a run cannot start on it meanwhile)."""
     if cfg.redis.url is not None:
-        connect(cfg.redis.url, cfg.redis.password_env).close()
-        yield cfg.redis.url
+        url = with_password(cfg.redis.url, cfg.redis.password_env)
+        connect(url).close()
+        yield url
         return
     url = _live_endpoint(cfg)
     if url is not None:

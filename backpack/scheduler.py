@@ -180,7 +180,9 @@ class Scheduler:
                     elif batch.exclude and can_ever_serve(self.views, batch.teacher, frozenset()):
                         batch.exclude.clear()  # only replicas that failed it are left: let them try again
                         pending.append(batch)
-                    elif source is not None and not stopping and self._may_return(batch.teacher):
+                    elif source is not None and stopping:
+                        pass  # stopping with no replica for it: left unacknowledged for the next run
+                    elif source is not None and self._may_return(batch.teacher):
                         pending.append(batch)  # streaming: a dead replica is respawned (replace_replica)
                     else:
                         self._fail(batch, summary)
@@ -243,7 +245,8 @@ class Scheduler:
             wait = poll_seconds
             if self._buffer:
                 wait = min(wait, self._buffer_since + self.flush_seconds - time.monotonic())
-            queries, rejected = await asyncio.to_thread(source.fetch, room, max(1, int(wait * 1000)))
+            # At most 10 s in one blocking read: a Redis client's socket timeout must not cut it short.
+            queries, rejected = await asyncio.to_thread(source.fetch, room, max(1, int(min(wait, 10.0) * 1000)))
         if rejected:
             self._emit(completions_to_table([r.query for r in rejected],
                                             [Completion.failed(r.query.id, "(none)", r.reason) for r in rejected]),

@@ -183,3 +183,37 @@ def test_a_redis_restart_from_its_aof_loses_no_acknowledged_state(tmp_path):
         # the one prompt read but never stored is delivered again to the scheduler that had it
         got, _ = IntakeSource(again.url, RUN, answered=set(answered)).fetch(10)
         assert [q.id for q in got] == [ids[2]]
+
+
+def test_malformed_entries_and_failed_rows_stored_before_a_crash(redis_server, tmp_path):
+    """An entry another program wrote that is not a valid Query becomes one failed row (the scheduler does not
+    crash on it), and a failed row stored just before a crash is not stored again when its entry is
+    re-delivered."""
+    import json
+
+    from backpack.core.schema import completions_to_table
+    from backpack.core.types import Completion
+
+    intake = Intake(redis_server.url, RUN)
+    good = intake.push("a fine prompt").query_id
+    key = RunKeys(RUN)("intake")
+    intake.client.xadd(key, {"query": json.dumps({"id": "x1", "messages": "not a list"})})
+    intake.client.xadd(key, {"query": json.dumps({"id": "x2", "messages": [{"role": "user", "content": 5}]})})
+    intake.client.xadd(key, {"other": "field"})
+    # a scheduler reads everything, stores a failed row for the good prompt, and dies before acknowledging
+    crashed = IntakeSource(redis_server.url, RUN, answered=set())
+    queries, rejected = crashed.fetch(10)
+    assert [q.id for q in queries] == [good] and len(rejected) == 3
+    store = DatasetStore(tmp_path / "ds")
+    store.append(completions_to_table(queries, [Completion.failed(good, "t", "teacher fell over")]))
+    # the restarted scheduler: the stored failed row is acknowledged, not answered again; the bad entries fail once
+    source, sched = stream(redis_server.url, store, answered=store.answered_ids(), flush_rows=1)
+    source.stored_ids |= set(store.query_status())
+    stop_when(source, store, 4)
+    asyncio.run(sched.run_stream(source, poll_seconds=0.1))
+    rows = store.read(columns=["query_id", "status", "error"]).to_pylist()
+    assert sorted(r["query_id"] for r in rows).count(good) == 1 and len(rows) == 4
+    assert all(r["status"] != "ok" for r in rows)
+    assert any("not a Backpack query" in (r["error"] or "") for r in rows)
+    b = backlog(redis_server.url, RUN)
+    assert (b.waiting, b.in_progress) == (0, 0)

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from backpack.errors import RedisUnavailableError
-from backpack.runtime.redis_server import EmbeddedRedis, RunKeys, connect, redact
+from backpack.runtime.redis_server import EmbeddedRedis, RunKeys, connect, redact, with_password
 
 
 def test_embedded_starts_with_password_and_stops_cleanly(tmp_path):
@@ -63,6 +63,9 @@ def test_unreachable_and_wrong_password(redis_server):
     os.environ["BP_TEST_PW"] = redis_server.password
     try:
         assert connect(f"redis://127.0.0.1:{redis_server.port}/0", password_env="BP_TEST_PW").ping()
+        # the URL every part of a run gets carries the password itself (actors have no such variable)
+        url = with_password(f"redis://127.0.0.1:{redis_server.port}/0", "BP_TEST_PW")
+        assert connect(url).ping() and redis_server.password not in redact(url)
     finally:
         del os.environ["BP_TEST_PW"]
 

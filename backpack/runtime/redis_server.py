@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
@@ -131,6 +131,20 @@ def redact(url: str) -> str:
         netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def with_password(url: str, password_env: Optional[str]) -> str:
+    """`url` with the password from the environment variable `password_env` written into it, so every part of a
+    run (actors, Ray Train workers) connects with the URL alone. Never print the result: use `redact`."""
+    if not password_env:
+        return url
+    password = os.environ.get(password_env)
+    if password is None:
+        raise RedisUnavailableError(f"redis.password_env names {password_env!r}, which is not set")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str, password_env: Optional[str] = None, timeout: float = 5.0) -> redis.Redis:
