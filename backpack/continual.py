@@ -54,11 +54,6 @@ class ContinualResult:
     seconds: float = 0.0
 
 
-def request_stop(redis_url: str, run: str) -> None:
-    """Ask a continual run to stop cleanly (what Ctrl-C does): sets its stop flag."""
-    connect(redis_url).set(RunKeys(run)("control", "stop"), "1")
-
-
 def _check(cfg: RunConfig) -> tuple[ContinualConfig, ServeConfig]:
     """Config checks a continual run needs beyond those of the config itself."""
     from backpack.distill import require_sections
@@ -94,7 +89,7 @@ class ContinualRun:
         with run_lock(self.cfg), redis_for(self.cfg) as url:
             self.url = url
             self.redis = connect(url)
-            self.redis.delete(self.keys("control", "stop"))  # a new run: the last one's stop is done
+            self.redis.delete(self.keys.stop)  # a new run: the last one's stop is done
             started_ray = False
             self.scheduler = self.trainer = self.server = None
             self.pool = None
@@ -119,18 +114,14 @@ class ContinualRun:
     def _start(self) -> None:
         import ray
 
-        from backpack.distill import latest_checkpoint, student_checks
+        from backpack.distill import latest_checkpoint, student_checks, training_demands
         from backpack.pool import TeacherPool
         from backpack.student.registry import Registry
 
         cfg = self.cfg
         self.pool = TeacherPool(cfg.teachers)
-        tc = cfg.training
         ray_runtime.check_placement(
-            self.pool.demands()
-            + [(f"training worker {i}", {k: v for k, v in {"CPU": tc.cpus_per_worker,
-                                                            "GPU": 1.0 if tc.use_gpu else 0.0}.items() if v})
-               for i in range(tc.num_workers)]
+            self.pool.demands() + training_demands(cfg.training)
             + ([("student server", {"CPU": self.sc.num_cpus})] if self.sc.num_cpus else []))
         if ray_runtime.is_local(cfg.ray):
             self.rep.stage("preparing models (a GGUF is converted once, then cached)")
@@ -212,7 +203,7 @@ class ContinualRun:
                 raise e.cause from None
             raise BackpackError(f"the student server did not start: {type(e.cause).__name__}: {e.cause}") from None
         self.result.server_url = self.server_url
-        self.redis.hset(self.keys("server"), mapping={"url": self.server_url, "version": self.registry.live() or 0})
+        self.redis.hset(self.keys.server, mapping={"url": self.server_url, "version": self.registry.live() or 0})
 
     def _restart(self, part: str) -> None:
         self.result.restarts[part] = self.result.restarts.get(part, 0) + 1
@@ -223,7 +214,7 @@ class ContinualRun:
         import ray
 
         while not self._stop.is_set():
-            if self.redis.get(self.keys("control", "stop")) == "1":
+            if self._stopping():
                 self.rep.stage("stop requested: stopping")
                 return
             self._watch_teachers()
@@ -271,7 +262,7 @@ class ContinualRun:
 
     def _stopping(self) -> bool:
         """Whether the run is being stopped (a part that ended because of it is not restarted)."""
-        return self._stop.is_set() or self.redis.get(self.keys("control", "stop")) == "1"
+        return self._stop.is_set() or self.redis.get(self.keys.stop) == "1"
 
     def _scheduler_ended(self) -> None:
         import ray
@@ -328,7 +319,7 @@ class ContinualRun:
             except BackpackError as e:  # e.g. its port not free yet: tried again on the next round
                 self.rep.stage(f"the student server could not start again ({e}); trying again shortly")
             return
-        self.redis.hset(self.keys("server"), "version", info["version"])
+        self.redis.hset(self.keys.server, "version", info["version"])
 
     def _count(self, summary: dict) -> None:
         self.result.answered += summary.get("ok_rows", 0)
@@ -344,7 +335,7 @@ class ContinualRun:
         if not ray.is_initialized():
             return
         try:
-            self.redis.set(self.keys("control", "stop"), "1")
+            self.redis.set(self.keys.stop, "1")
         except Exception:  # Redis gone: the parts are stopped below anyway
             pass
         if getattr(self, "gate", None) is not None:
@@ -370,7 +361,7 @@ class ContinualRun:
             except Exception:
                 pass
         try:
-            self.redis.delete(self.keys("server"))
+            self.redis.delete(self.keys.server)
             self.result.versions = sorted(m["version"] for m in self.registry.versions()
                                           if m["version"] not in self.known_versions)
             self.result.live = self.registry.live()

@@ -105,6 +105,12 @@ def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig
     return tc, same
 
 
+def training_demands(tc: TrainingConfig) -> list:
+    """What the Ray Train workers need of the cluster, one demand per worker (for the placement check)."""
+    need = {k: v for k, v in {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0}.items() if v}
+    return [(f"training worker {i}", need) for i in range(tc.num_workers)]
+
+
 def _last_error(err: BaseException) -> str:
     """The innermost error line of a Ray Train failure (its message carries the worker's traceback)."""
     lines = [ln.strip() for ln in str(err).splitlines() if "Error" in ln and not ln.strip().startswith("File ")]
@@ -164,9 +170,7 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         with redis_for(cfg) as redis_url:
             started = ray_runtime.connect(cfg.ray)
             try:
-                need = {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0}
-                ray_runtime.check_placement([(f"training worker {i}", {k: v for k, v in need.items() if v})
-                                             for i in range(tc.num_workers)])
+                ray_runtime.check_placement(training_demands(tc))
                 registry = Registry(redis_url, cfg.name, cfg.run_dir)
                 before = {m["version"] for m in registry.versions()}
                 ds = training_dataset(store, frac)

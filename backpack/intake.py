@@ -27,7 +27,7 @@ from backpack.core.prompts import Rejected, parse_record
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query, query_id
 from backpack.errors import InputError
-from backpack.runtime.redis_server import RunKeys, connect
+from backpack.runtime.redis_server import RunRedis
 
 GROUP = "schedulers"
 
@@ -70,25 +70,7 @@ class PushResult:
     accepted: bool       # False: a duplicate of a prompt already accepted
 
 
-class _RunRedis:
-    """A lazily connected client for one run's keys; picklable, so it can travel to a Ray actor."""
-
-    def __init__(self, redis_url: str, run: str, password_env: Optional[str] = None):
-        self.redis_url, self.run, self.password_env = redis_url, run, password_env
-        self.keys = RunKeys(run)
-        self._client = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_client": None}
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = connect(self.redis_url, self.password_env)
-        return self._client
-
-
-class Intake(_RunRedis):
+class Intake(RunRedis):
     """The producer side: what an application uses to send the prompts it sees to a continual run.
 
     >>> intake = Intake("redis://:pw@127.0.0.1:6380/0", run="support-bot")
@@ -144,7 +126,7 @@ class Backlog:
 
 def backlog(redis_url: str, run: str, password_env: Optional[str] = None) -> Backlog:
     """The intake's counters, for `backpack status`."""
-    r = _RunRedis(redis_url, run, password_env)
+    r = RunRedis(redis_url, run, password_env)
     c, k = r.client, r.keys
     length = int(c.xlen(k("intake")))
     try:
@@ -157,7 +139,7 @@ def backlog(redis_url: str, run: str, password_env: Optional[str] = None) -> Bac
                    failed=stats.get("failed", 0))
 
 
-class IntakeSource(_RunRedis):
+class IntakeSource(RunRedis):
     """The scheduler's side of the stream. Picklable; used inside the scheduler actor.
 
     `fetch` hands out Queries to answer (first, on start, those this consumer had read but never acknowledged:
@@ -188,7 +170,7 @@ class IntakeSource(_RunRedis):
                 raise
 
     def stop_requested(self) -> bool:
-        return self.client.get(self.keys("control", "stop")) == "1"
+        return self.client.get(self.keys.stop) == "1"
 
     def fetch(self, max_rows: int, block_ms: int = 0) -> tuple[list[Query], list[Rejected]]:
         """Up to `max_rows` new Queries (blocking up to `block_ms` when none is waiting), and the stream

@@ -88,8 +88,8 @@ def ingest(cfg: RunConfig, source: str) -> IngestResult:
     if not queries:
         return result
     with attach_redis(cfg) as url:
-        intake = Intake(url, cfg.name, cfg.decoding.params(), cfg.prompts.default_task, cfg.prompts.max_chars,
-                        cfg.redis.password_env)
+        # (the URL attach_redis gives carries redis.password_env's password: nothing more to pass)
+        intake = Intake(url, cfg.name, cfg.decoding.params(), cfg.prompts.default_task, cfg.prompts.max_chars)
         for lineno, q in queries:
             try:
                 pushed = intake.push_query(q)
@@ -185,11 +185,11 @@ def status(cfg: RunConfig) -> dict:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        b = backlog(url, cfg.name, cfg.redis.password_env)
+        b = backlog(url, cfg.name)
         reg = Registry(url, cfg.name, cfg.run_dir)
         versions = [m["version"] for m in reg.versions()]
         live = reg.live()
-        server = connect(url, cfg.redis.password_env).hgetall(RunKeys(cfg.name)("server"))
+        server = connect(url).hgetall(RunKeys(cfg.name).server)
     return {
         "run": cfg.name,
         "run_dir": str(cfg.run_dir),

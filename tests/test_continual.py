@@ -178,7 +178,7 @@ def test_nothing_lost_when_a_teacher_the_scheduler_and_a_trainer_worker_die(
     assert registry.live() and len(asker.versions) >= 2
     assert any(m.get("gate") and m["gate"]["decision"] == "promoted" for m in registry.versions())
     assert redis_server.url and not Registry(redis_server.url, cfg.name, cfg.run_dir).client.exists(
-        RunKeys(cfg.name)("server"))  # the stopped server is no longer advertised
+        RunKeys(cfg.name).server)  # the stopped server is no longer advertised
 
     # while no run is live, pushed prompts wait in the stream; the next run answers them and trains on
     push(4, "while stopped")

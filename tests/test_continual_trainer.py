@@ -206,7 +206,7 @@ def test_continual_run_follows_the_store_publishes_stops_and_resumes_after_a_cra
 
     run = "cont"
     client = connect(redis_server.url)
-    stop_key = RunKeys(run)("control", "stop")
+    stop_key = RunKeys(run).stop
     registry = Registry(redis_server.url, run, tmp_path / "run")
     store = DatasetStore(tmp_path / "ds")
     store.append(shard_tables[1])

@@ -25,7 +25,7 @@ def stop_when(source, store, n_rows, timeout=20.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and store.manifest().summary()["rows"] < n_rows:
             time.sleep(0.05)
-        source.client.set(RunKeys(RUN)("control", "stop"), "1")
+        source.client.set(RunKeys(RUN).stop, "1")
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
@@ -145,7 +145,7 @@ def test_stop_leaves_unsent_prompts_for_the_next_run(redis_server, tmp_path):
     assert 2 <= done < 8
     b = backlog(redis_server.url, RUN)
     assert b.in_progress + b.waiting == 8 - done
-    source.client.delete(RunKeys(RUN)("control", "stop"))
+    source.client.delete(RunKeys(RUN).stop)
     source, sched = stream(redis_server.url, store, answered=store.answered_ids())
     stop_when(source, store, 8)
     asyncio.run(sched.run_stream(source, poll_seconds=0.1))

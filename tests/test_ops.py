@@ -157,7 +157,7 @@ def test_status_shows_backlog_dataset_trainer_versions_and_server(redis_server, 
         + "\n" + '{"step": 15, "lo')  # a line being written is skipped
     reg = publish_two(redis_server.url, tmp_path)
     reg.promote(2)
-    redis_server_client(redis_server).hset(RunKeys(RUN)("server"),
+    redis_server_client(redis_server).hset(RunKeys(RUN).server,
                                            mapping={"url": "http://127.0.0.1:8123", "version": "2"})
     s = json.loads(cli(capsys, "status", cfg, "--json")[1])
     assert s["dataset"] == {"path": str(run_dir / "dataset"), "version": 1, "rows": 2, "ok": 1, "failed": 1}

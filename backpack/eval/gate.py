@@ -3,7 +3,7 @@
 `decide` is the pure rule: on `continual.promote_metric` (nll and kl: lower is better; chrf: higher is
 better), the candidate is promoted when it is not worse than the live version by more than
 `continual.promote_margin`. `Gate.judge(version)` measures both versions on the same held-out rows (the first
-`continual.gate_rows` held-out answered rows of the dataset, by query id), decides, promotes through the
+`continual.gate_rows` held-out answered rows of the dataset, in store order), decides, promotes through the
 Registry (which the StudentServer follows), and records its decision on the version in Redis (`Registry.set_gate`:
 the version hash's "gate" field and a `gate` event), so `backpack versions` can say why a version is or is not
 served.

@@ -5,27 +5,11 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from backpack.runtime.redis_server import RunKeys
+from backpack.runtime.redis_server import RunRedis
 
 
-class RedisProgress:
+class RedisProgress(RunRedis):
     """Counters for one run in a Redis hash. Picklable: it connects lazily in whichever process uses it."""
-
-    def __init__(self, url: str, run: str):
-        self.url = url
-        self.keys = RunKeys(run)
-        self._client = None
-
-    def __getstate__(self):
-        return {"url": self.url, "keys": self.keys, "_client": None}
-
-    @property
-    def client(self):
-        if self._client is None:
-            from backpack.runtime.redis_server import connect
-
-            self._client = connect(self.url)
-        return self._client
 
     def start(self, total: int) -> None:
         self.client.delete(self.keys.progress, self.keys.replicas)

@@ -181,9 +181,36 @@ class RunKeys:
         return self.prefix + ":".join(parts)
 
     @property
+    def server(self) -> str:       # hash: url, version of a continual run's StudentServer (while it runs)
+        return self("server")
+
+    @property
+    def stop(self) -> str:         # string: "1" asks a continual run (scheduler, trainer, driver) to stop
+        return self("control", "stop")
+
+    @property
     def progress(self) -> str:     # hash: total, done, failed, tokens, started_at, state
         return self("progress")
 
     @property
     def replicas(self) -> str:     # hash: replica name -> "alive" | "dead: <cause>"
         return self("replicas")
+
+
+class RunRedis:
+    """A lazily connected client for one run's keys. Picklable (the client is not), so what holds one can travel
+    to a Ray actor or a Ray Train worker and connect there."""
+
+    def __init__(self, redis_url: str, run: str, password_env: Optional[str] = None):
+        self.redis_url, self.run, self.password_env = redis_url, run, password_env
+        self.keys = RunKeys(run)
+        self._client = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = connect(self.redis_url, self.password_env)
+        return self._client

@@ -142,7 +142,7 @@ class _Control:
     def __init__(self, redis_url: Optional[str], run: str, rank: int, world: int):
         from backpack.runtime.redis_server import RunKeys
 
-        self.url, self.key, self.rank, self.world = redis_url, RunKeys(run)("control", "stop"), rank, world
+        self.url, self.key, self.rank, self.world = redis_url, RunKeys(run).stop, rank, world
         self._client = None
 
     def stop_requested(self) -> bool:

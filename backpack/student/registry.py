@@ -14,28 +14,16 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from backpack.runtime.redis_server import RunKeys, connect
+from backpack.runtime.redis_server import RunRedis
 from backpack.student import checkpoints
 
 
-class Registry:
+class Registry(RunRedis):
     """Picklable (it connects lazily), so a Ray Train worker can publish versions as checkpoints are made."""
 
     def __init__(self, redis_url: str, run: str, run_dir: str | Path):
-        self.redis_url = redis_url
-        self.run = run
-        self.keys = RunKeys(run)
+        super().__init__(redis_url, run)
         self.root = Path(run_dir) / "students"
-        self._client = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_client": None}
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = connect(self.redis_url)
-        return self._client
 
     def publish(self, checkpoint_dir: str | Path, state: dict, base_fingerprint: str = "",
                 tokenizer_fingerprint: str = "") -> int:
