@@ -32,14 +32,14 @@ def spawn_scheduler(*args, **kwargs):
     return ray.remote(Scheduler).options(num_cpus=0, max_restarts=0).remote(*args, **kwargs)
 
 
-def spawn_server(student_cfg, serve_cfg, registry, model_name: str = "backpack-student"):
+def spawn_server(student_cfg, serve_cfg, registry, model_name: str = "backpack-student", **kwargs):
     """The StudentServer as an async actor: its HTTP server and registry follower run on the actor's loop."""
     from backpack.student.server import StudentServer
 
     return ray.remote(StudentServer).options(
         num_cpus=serve_cfg.num_cpus, max_restarts=0,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(serve_cfg.threads), "TOKENIZERS_PARALLELISM": "false"}},
-    ).remote(student_cfg, serve_cfg, registry, model_name)
+    ).remote(student_cfg, serve_cfg, registry, model_name, **kwargs)
 
 
 def spawn_continual_trainer(*args, **kwargs):

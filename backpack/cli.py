@@ -16,6 +16,14 @@ Beside a run, live or not (they reach its Redis; they take [key=value ...] overr
     backpack promote CONFIG N                    serve student version N (0: the base model)
     backpack rollback CONFIG                     serve the version that was live before the current one
 
+The Mental Process (a run's task knowledge, see backpack/mental/commands.py):
+    backpack mental import CONFIG FILE           import a knowledge pack (a new version per changed task)
+    backpack mental show CONFIG [TASK]           tasks and versions; a task's knowledge and history
+    backpack mental add CONFIG TASK ...          add a passage (--id --passage) or experience, set --persona
+    backpack mental export CONFIG FILE|-         write the current knowledge as a pack
+    backpack eval CONFIG --questions FILE        fact accuracy: base student, teacher with context,
+                                                 distilled student without and with recall
+
 Bad input exits with status 2 and one message; nothing is printed as a traceback unless BACKPACK_DEBUG=1.
 """
 
@@ -130,6 +138,13 @@ def cmd_eval(args) -> int:
     from backpack.distill import evaluate
 
     cfg = load_config(args.config, args.overrides)
+    if args.questions:
+        from backpack.eval.knowledge import evaluate_facts, format_facts
+
+        out = evaluate_facts(cfg, args.questions, args.version, _BarReporter(args.quiet))
+        print(format_facts(out))
+        print(f"answers and scores: {out['path']}")
+        return 0
     report = evaluate(cfg, [args.version] if args.version is not None else None, _BarReporter(args.quiet))
     _print_report(report)
     print(f"report: {cfg.run_dir / 'report' / 'report.md'}")
@@ -296,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the continual loop until stopped (Ctrl-C): answer prompts pushed to the run's "
                            "intake, keep training, serve each promoted student version")
     config_command("train", "train the run's student on its dataset (resumes from its last checkpoint)", cmd_train)
-    config_command("eval", "evaluate student versions against the teacher and write the report", cmd_eval) \
-        .add_argument("--version", type=int, default=None, help="one version (default: all, and version 0)")
+    ev = config_command("eval", "evaluate student versions against the teacher and write the report", cmd_eval)
+    ev.add_argument("--version", type=int, default=None, help="one version (default: all, and version 0; with "
+                                                             "--questions: the latest)")
+    ev.add_argument("--questions", default=None, metavar="FILE",
+                    help="score fact accuracy on these questions instead (JSONL with reference facts): base "
+                         "student, teacher with context, distilled student without and with recall")
 
     def side_command(name: str, help: str, func, *positional: tuple[str, dict],
                      json_flag: bool = False) -> argparse.ArgumentParser:
@@ -321,6 +340,31 @@ def build_parser() -> argparse.ArgumentParser:
     side_command("promote", "serve a student version (0: the base model)", cmd_promote,
                  ("n", {"type": int, "metavar": "N", "help": "the student version"}))
     side_command("rollback", "serve the version that was live before the current one", cmd_rollback)
+
+    m = sub.add_parser("mental", help="a run's task knowledge: import, show, add, export")
+    msub = m.add_subparsers(dest="mental_command", required=True)
+    mi = msub.add_parser("import", help="import a knowledge pack (YAML, JSON or JSONL): a new version per changed task")
+    mi.add_argument("config", help="run config (YAML)")
+    mi.add_argument("file", help="knowledge pack file")
+    ms = msub.add_parser("show", help="the tasks and their versions; with TASK, its knowledge and history")
+    ms.add_argument("config", help="run config (YAML)")
+    ms.add_argument("task", nargs="?", default=None)
+    ms.add_argument("--version", type=int, default=None, help="an older version of the task")
+    ms.add_argument("--json", action="store_true", help="print one JSON object")
+    ma = msub.add_parser("add", help="add a passage or an experience to a task, or set its persona")
+    ma.add_argument("config", help="run config (YAML)")
+    ma.add_argument("task")
+    ma.add_argument("--id", default=None, help="id of the new passage or experience")
+    ma.add_argument("--passage", default=None, metavar="TEXT")
+    ma.add_argument("--question", default=None, help="an experience's question (with --answer)")
+    ma.add_argument("--answer", default=None)
+    ma.add_argument("--persona", default=None, metavar="TEXT", help="replace the task's persona")
+    me = msub.add_parser("export", help="write the current knowledge as a pack (.jsonl, .json, else YAML)")
+    me.add_argument("config", help="run config (YAML)")
+    me.add_argument("file", metavar="FILE|-")
+    me.add_argument("--task", action="append", default=None, help="only this task (repeatable)")
+    for c in (mi, ms, ma, me):
+        c.set_defaults(func=cmd_mental)
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")
@@ -356,6 +400,27 @@ def _flags_last(argv: list[str]) -> list[str]:
     switches = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
     rest = argv[1:]
     return [argv[0]] + [a for a in rest if a not in switches] + [a for a in rest if a in switches]
+
+
+def cmd_mental(args) -> int:
+    from backpack.core.config import load_config
+    from backpack.mental import commands
+
+    cfg = load_config(args.config)
+    if args.mental_command == "import":
+        for task, (version, changed) in commands.import_file(cfg, args.file).items():
+            print(f"task {task}: version {version}" + ("" if changed else " (unchanged: same content)"))
+    elif args.mental_command == "show":
+        out = commands.show(cfg, args.task, args.version)
+        print(json.dumps(out, indent=1, ensure_ascii=False) if args.json else commands.format_show(out))
+    elif args.mental_command == "add":
+        v = commands.add(cfg, args.task, args.id, args.passage, args.question, args.answer, args.persona)
+        print(f"task {args.task}: version {v}")
+    else:
+        n = commands.export(cfg, args.file, args.task)
+        if args.file != "-":
+            print(f"{n} task(s) written to {args.file}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

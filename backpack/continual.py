@@ -115,6 +115,7 @@ class ContinualRun:
         import ray
 
         from backpack.distill import latest_checkpoint, student_checks, training_demands
+        from backpack.mental.setup import prepare_recall
         from backpack.pool import TeacherPool
         from backpack.student.registry import Registry
 
@@ -127,6 +128,8 @@ class ContinualRun:
             self.rep.stage("preparing models (a GGUF is converted once, then cached)")
             prepare_models(cfg)
         self.tc, self.same_tokenizer, _ = student_checks(cfg, self.rep)
+        # prompts arrive later through the intake, so their tasks are not checked against the knowledge here
+        self.recaller = prepare_recall(cfg, self.url, None, self.rep.stage)
         self.store = DatasetStore(str(cfg.dataset_dir))
         self.registry = Registry(self.url, cfg.name, cfg.run_dir)
         self.known_versions = {m["version"] for m in self.registry.versions()}
@@ -174,7 +177,8 @@ class ContinualRun:
         answered = {q for q, st in status.items() if st == OK}
         self.scheduler = spawn_scheduler(self.pool.replicas, self.store, RedisProgress(self.url, self.cfg.name),
                                          policy=sc.policy, max_retries=sc.max_retries, flush_rows=sc.flush_rows,
-                                         flush_seconds=sc.flush_seconds, max_pending=sc.max_pending)
+                                         flush_seconds=sc.flush_seconds, max_pending=sc.max_pending,
+                                         recall=self.recaller)
         # The same consumer name after a restart: the new scheduler first reads what the dead one had not stored.
         source = IntakeSource(self.url, self.cfg.name, answered, stored_ids=set(status))
         self.scheduler_ref = self.scheduler.run_stream.remote(source, self.cc.poll_seconds)
@@ -195,7 +199,10 @@ class ContinualRun:
 
         from backpack.actors import spawn_server
 
-        self.server = spawn_server(self.cfg.student, self.sc, self.registry, model_name=self.cfg.name)
+        student_recall = self.cfg.mental is not None and self.cfg.mental.student_recall
+        self.server = spawn_server(self.cfg.student, self.sc, self.registry, model_name=self.cfg.name,
+                                   recall=self.recaller if student_recall else None,
+                                   default_task=self.cfg.prompts.default_task)
         try:
             self.server_url = ray.get(self.server.start.remote())
         except ray.exceptions.RayTaskError as e:

@@ -19,14 +19,15 @@ class ConfigError(BackpackError):
 
     exit_code = 2
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], what: str = "config"):
         self.source = source
         self.problems = list(problems)
+        self.what = what
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid config {source} ({len(self.problems)} problem(s)):\n{lines}")
+        super().__init__(f"invalid {what} {source} ({len(self.problems)} problem(s)):\n{lines}")
 
     def __reduce__(self):
-        return (ConfigError, (self.source, self.problems))
+        return (ConfigError, (self.source, self.problems, self.what))
 
 
 class InputError(BackpackError):

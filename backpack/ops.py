@@ -180,6 +180,7 @@ def _int_or_none(v) -> Optional[int]:
 def status(cfg: RunConfig) -> dict:
     """The run at a glance: intake backlog, dataset, trainer, student versions, live version, server."""
     from backpack.intake import backlog
+    from backpack.mental.store import MentalStore
     from backpack.runtime.redis_server import RunKeys, connect
     from backpack.student.registry import Registry
 
@@ -190,6 +191,7 @@ def status(cfg: RunConfig) -> dict:
         versions = [m["version"] for m in reg.versions()]
         live = reg.live()
         server = connect(url).hgetall(RunKeys(cfg.name).server)
+        knowledge = MentalStore(url, cfg.name).tasks()
     return {
         "run": cfg.name,
         "run_dir": str(cfg.run_dir),
@@ -200,6 +202,7 @@ def status(cfg: RunConfig) -> dict:
         "latest_version": versions[-1] if versions else None,
         "live_version": live,
         "server": {"url": server.get("url"), "version": _int_or_none(server.get("version"))} if server else None,
+        "knowledge": knowledge,  # task -> current knowledge version (the Mental Process)
     }
 
 
@@ -231,6 +234,8 @@ def format_status(s: dict) -> str:
     rows.append(("live", f"version {live}" if live is not None else "none promoted (the base model, version 0)"))
     srv = s["server"]
     rows.append(("server", f"{srv['url']} serving version {srv['version']}" if srv else "not running"))
+    if s.get("knowledge"):
+        rows.append(("knowledge", ", ".join(f"{t} v{v}" for t, v in s["knowledge"].items())))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
 

@@ -150,6 +150,7 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     import ray
 
     from backpack.actors import spawn_scheduler
+    from backpack.mental.setup import prepare_recall
     from backpack.pool import TeacherPool
 
     rep = reporter or Reporter()
@@ -175,6 +176,8 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     pool = TeacherPool(cfg.teachers)
     started_ray, scheduler = False, None
     with redis_for(cfg) as redis_url:
+        # the knowledge pack is checked and imported before any teacher loads (a bad pack fails fast)
+        recaller = prepare_recall(cfg, redis_url, {q.task for q in todo}, rep.stage)
         try:
             local = ray_runtime.is_local(cfg.ray)
             rep.stage("starting Ray" if local else f"connecting to Ray at {ray_runtime.target_address(cfg.ray)}")
@@ -189,7 +192,8 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
             progress = RedisProgress(redis_url, cfg.name)
             progress.start(total=len(todo) * cfg.decoding.n)
             scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,
-                                        max_retries=cfg.scheduler.max_retries, flush_rows=cfg.scheduler.flush_rows)
+                                        max_retries=cfg.scheduler.max_retries, flush_rows=cfg.scheduler.flush_rows,
+                                        recall=recaller)
             rep.stage(f"generating {len(todo)} prompt(s)")
             try:
                 summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)

@@ -9,7 +9,8 @@ teacher actors. Guarantees:
   fatal (its actor died) gets no more work; a batch that still fails is split in halves, each tried once
   more, so one bad Query fails alone;
 - a Query that no replica could answer is written as a failed row with the last cause, never dropped;
-- answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive.
+- answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive;
+- with a `recall`, each Query carries its task's recalled knowledge to the teacher (and into its row).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class RunSummary:
 class Scheduler:
     def __init__(self, replicas: list[ReplicaHandle], sink: Sink, progress: Optional[Progress] = None,
                  policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64,
-                 flush_seconds: float = 5.0, max_pending: int = 256):
+                 flush_seconds: float = 5.0, max_pending: int = 256, recall=None):
         if not replicas:
             raise ValueError("the scheduler needs at least one teacher replica")
         self.replicas = replicas
@@ -112,6 +113,9 @@ class Scheduler:
         self.max_pending = max_pending
         self._source: Optional[QuerySource] = None
         self._stop = False
+        # The Mental Process (`backpack.mental.recall.Recaller`): fills each Query's recalled context as its
+        # batch is formed, so a stream's prompts see the knowledge version current when they are read.
+        self.recall = recall
 
     # ------------------------------------------------------------------ public
 
@@ -271,6 +275,8 @@ class Scheduler:
     def _batches(self, queries: pa.Table) -> list[_Batch]:
         """Split Queries by requested teacher, then into batches of that teacher's batch size."""
         out = []
+        if self.recall is not None:
+            queries = self.recall.annotate(queries)
         teachers = queries.column("requested_teacher")
         for teacher in sorted(set(teachers.to_pylist()), key=lambda t: (t is not None, t or "")):
             mask = pc.is_null(teachers) if teacher is None else pc.equal(teachers, teacher)

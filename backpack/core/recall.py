@@ -102,3 +102,13 @@ def pack_context(persona: str, ranked: Sequence[Item], budget: int, count: Calla
     return Recalled(context=context, passage_ids=[it.id for it in chosen if it.kind == "passage"],
                     experience_ids=[it.id for it in chosen if it.kind == "experience"],
                     tokens=count(context) if context else 0)
+
+
+def with_context(messages: list[dict], context: str | None) -> list[dict]:
+    """The messages a teacher answers: `context` (recalled knowledge) leads the system message, before the
+    prompt's own system text if it has one. Every backend builds its prompt with this, so they agree."""
+    if not context:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{context}\n\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": context}] + messages

@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from backpack.core.types import Completion, DecodingParams, Query
 
-SCHEMA_VERSION = 1
+# 2: the recall columns (context, recalled_ids, knowledge_version); shards of version 1 read with them null.
+SCHEMA_VERSION = 2
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DECODING_TYPE = pa.struct([
@@ -34,6 +35,11 @@ QUERY_FIELDS = [
     pa.field("messages", pa.list_(MESSAGE_TYPE), nullable=False),
     pa.field("decoding", DECODING_TYPE, nullable=False),
     pa.field("requested_teacher", pa.string()),
+    # What recall put in front of the prompt for the teacher (null: nothing). Training uses `messages` only,
+    # so the student learns to answer without it (context distillation).
+    pa.field("context", pa.string()),
+    pa.field("recalled_ids", pa.list_(pa.string())),
+    pa.field("knowledge_version", pa.int64()),
 ]
 
 COMPLETION_FIELDS = [
@@ -67,6 +73,9 @@ def _query_row(q: Query) -> dict:
         "messages": [{"role": m["role"], "content": m["content"]} for m in q.messages],
         "decoding": asdict(q.decoding),
         "requested_teacher": q.teacher,
+        "context": q.context,
+        "recalled_ids": list(q.recalled_ids),
+        "knowledge_version": q.knowledge_version,
     }
 
 
@@ -80,7 +89,9 @@ def table_to_queries(table: pa.Table) -> list[Query]:
     out = []
     for row in table.select([f.name for f in QUERY_FIELDS]).to_pylist():
         out.append(Query(messages=row["messages"], decoding=DecodingParams(**row["decoding"]), task=row["task"],
-                         id=row["query_id"], teacher=row["requested_teacher"]))
+                         id=row["query_id"], teacher=row["requested_teacher"], context=row["context"],
+                         recalled_ids=list(row["recalled_ids"] or []),
+                         knowledge_version=row["knowledge_version"]))
     return out
 
 
@@ -106,6 +117,18 @@ def failed_table(queries_table: pa.Table, teacher: str, error: str, replica: str
     """Every Query in `queries_table` reported failed with `error` (used when no teacher could answer)."""
     queries = table_to_queries(queries_table)
     return completions_to_table(queries, [Completion.failed(q.id, teacher, error, replica) for q in queries])
+
+
+# Columns added after schema version 1: a table without them gets them as nulls (older shards stay readable).
+_ADDED = ("context", "recalled_ids", "knowledge_version")
+
+
+def with_added_columns(table: pa.Table, schema: pa.Schema = DATASET_SCHEMA) -> pa.Table:
+    """`table` with the columns added since schema version 1 filled with nulls where it lacks them."""
+    for name in _ADDED:
+        if name not in table.column_names and name in schema.names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+    return table
 
 
 def check_dataset_table(table: pa.Table) -> pa.Table:

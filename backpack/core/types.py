@@ -50,6 +50,12 @@ class Query:
     task: str = "default"
     id: str = ""
     teacher: Optional[str] = None  # route only to this teacher (None = any)
+    # Filled by recall (the Mental Process) before the Query reaches a teacher: the task knowledge put in front
+    # of the prompt, the ids of the items it holds and the knowledge version. Not part of the id: the prompt
+    # is the same prompt whatever knowledge answered it.
+    context: Optional[str] = None
+    recalled_ids: list[str] = field(default_factory=list)
+    knowledge_version: Optional[int] = None
 
     def __post_init__(self):
         if not self.id:

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from backpack.core.manifest import Manifest, ShardEntry
-from backpack.core.schema import DATASET_SCHEMA, check_dataset_table
+from backpack.core.schema import DATASET_SCHEMA, check_dataset_table, with_added_columns
 from backpack.core.types import OK
 from backpack.errors import DatasetError
 
@@ -115,8 +115,16 @@ class DatasetStore:
         schema = DATASET_SCHEMA if columns is None else pa.schema([DATASET_SCHEMA.field(c) for c in columns])
         if not entries:
             return schema.empty_table()
-        tables = [pq.read_table(p, filesystem=self.fs, columns=columns) for p in self.shard_paths(entries)]
+        tables = [self._read_shard(p, columns, schema) for p in self.shard_paths(entries)]
         return pa.concat_tables(tables).cast(schema)
+
+    def _read_shard(self, path: str, columns: Optional[list[str]], schema: pa.Schema) -> pa.Table:
+        try:
+            table = pq.read_table(path, filesystem=self.fs, columns=columns)
+        except (pa.ArrowInvalid, KeyError):  # a shard written before a column existed: read what it has
+            have = set(pq.read_schema(path, filesystem=self.fs).names)
+            table = pq.read_table(path, filesystem=self.fs, columns=[c for c in schema.names if c in have])
+        return with_added_columns(table, schema).select(schema.names)
 
     def read(self, version: Optional[int] = None, columns: Optional[list[str]] = None) -> pa.Table:
         """The dataset at `version` (None = latest) as one Arrow table."""

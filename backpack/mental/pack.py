@@ -10,6 +10,12 @@ A pack is YAML (or JSON) of the form
         experiences:                   # worked examples: a question and the answer given
           - {id: ex-1, question: "Can I return a used kettle?", answer: "Yes, within 30 days ..."}
 
+or JSON Lines, one record a line, the task named on each:
+
+    {"task": "support", "persona": "You are a calm, empathetic support agent of Acme."}
+    {"task": "support", "id": "refunds", "text": "Refunds are paid within 30 days of a return ..."}
+    {"task": "support", "id": "ex-1", "question": "Can I return a used kettle?", "answer": "Yes, ..."}
+
 Every problem (a malformed file, an empty pack or task, a duplicate id, an empty text) is reported at once,
 each naming the task and id it is about.
 """
@@ -24,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backpack.core.recall import Item
 from backpack.errors import ConfigError, InputError
+
+
+PACK = "knowledge pack"
 
 
 class _Strict(BaseModel):
@@ -59,12 +68,12 @@ class KnowledgePack(_Strict):
 def parse_pack(data: dict, source: str) -> KnowledgePack:
     """A validated pack from parsed YAML/JSON; ConfigError listing every problem."""
     if not isinstance(data, dict):
-        raise ConfigError(source, ["(file): a knowledge pack is a mapping with a 'tasks:' key"])
+        raise ConfigError(source, ["(file): a knowledge pack is a mapping with a 'tasks:' key"], PACK)
     try:
         pack = KnowledgePack(**data)
     except ValidationError as e:
-        raise ConfigError(source, [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                                   for err in e.errors()]) from None
+        raise ConfigError(source, [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()],
+                          PACK) from None
     problems = []
     if not pack.tasks:
         problems.append("tasks: the pack is empty (no task)")
@@ -79,19 +88,63 @@ def parse_pack(data: dict, source: str) -> KnowledgePack:
             if not it.text.strip():
                 problems.append(f"tasks.{name}: {it.kind} {it.id!r} has no text")
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, PACK)
     return pack
 
 
+def _jsonl_data(text: str, source: str) -> dict:
+    """JSON Lines records -> the mapping form of a pack (problems listed with their line numbers)."""
+    tasks: dict[str, dict] = {}
+    problems = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {n}: not JSON ({e.msg})")
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("task"), str) or not rec["task"]:
+            problems.append(f"line {n}: each record is an object naming its 'task'")
+            continue
+        task = tasks.setdefault(rec.pop("task"), {"persona": "", "passages": [], "experiences": []})
+        if set(rec) == {"persona"}:
+            task["persona"] = rec["persona"]
+        elif "text" in rec:
+            task["passages"].append(rec)
+        elif "question" in rec or "answer" in rec:
+            task["experiences"].append(rec)
+        else:
+            problems.append(f"line {n}: a record holds a persona, a passage (id, text) or an experience "
+                            f"(id, question, answer); got fields {sorted(rec)}")
+    if problems:
+        raise ConfigError(source, problems, PACK)
+    return {"tasks": tasks}
+
+
+def pack_jsonl(pack: KnowledgePack) -> str:
+    """A pack as JSON Lines (the form `load_pack` reads from a .jsonl file)."""
+    lines = []
+    for name, k in pack.tasks.items():
+        if k.persona:
+            lines.append({"task": name, "persona": k.persona})
+        lines += [{"task": name, **p.model_dump()} for p in k.passages]
+        lines += [{"task": name, **e.model_dump()} for e in k.experiences]
+    return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+
+
 def load_pack(path: str | Path) -> KnowledgePack:
-    """Read and validate a pack file (.yaml, .yml or .json)."""
+    """Read and validate a pack file (.yaml, .yml, .json or .jsonl)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"knowledge pack not found: {str(path)!r}")
+    kind = {".json": "JSON", ".jsonl": "JSON Lines"}.get(p.suffix, "YAML")
     try:
         text = p.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        if p.suffix == ".jsonl":
+            data = _jsonl_data(text, str(path))
+        else:
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(str(path), [f"(file): not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
-                                      f"{str(e).splitlines()[0]}"]) from None
+        raise ConfigError(str(path), [f"(file): not valid {kind}: {str(e).splitlines()[0]}"], PACK) from None
     return parse_pack(data, str(path))

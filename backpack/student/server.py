@@ -26,6 +26,7 @@ import torch
 from aiohttp import web
 
 from backpack.core.config import ServeConfig, StudentConfig
+from backpack.core.recall import with_context
 from backpack.core.types import LENGTH, STOP, DecodingParams
 from backpack.errors import InputError
 from backpack.student.registry import Registry, load_version
@@ -95,8 +96,11 @@ class StudentServer:
     """Serves the registry's live student version over OpenAI-compatible HTTP and hot-swaps promoted ones."""
 
     def __init__(self, student_cfg: StudentConfig, serve_cfg: ServeConfig, registry: Optional[Registry] = None,
-                 model_name: str = "backpack-student"):
+                 model_name: str = "backpack-student", recall=None, default_task: str = "default"):
         self.student_cfg, self.serve_cfg, self.registry, self.model_name = student_cfg, serve_cfg, registry, model_name
+        # mental.student_recall: a retrieval-augmented student (`backpack.mental.recall.Recaller`); a request
+        # names its task with a "task" field (else `default_task`)
+        self.recall, self.default_task = recall, default_task
         self.url: Optional[str] = None
         self.stats = {"requests": 0, "failed": 0, "rejected": 0, "swaps": 0, "failed_swaps": 0}
         self._served: Optional[_Served] = None
@@ -257,7 +261,8 @@ class StudentServer:
         stream = _field(body, "stream", bool, lambda v: True, "true or false", False)
         usage = bool((body.get("stream_options") or {}).get("include_usage"))
         model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
-        return clean, decoding, {"stream": stream, "include_usage": usage, "model": model}
+        task = _field(body, "task", str, lambda v: bool(v), "a task name", self.default_task)
+        return clean, decoding, {"stream": stream, "include_usage": usage, "model": model, "task": task}
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -269,6 +274,12 @@ class StudentServer:
         except _BadRequest as e:
             self.stats["rejected"] += 1
             return _error(400, e.message, e.param)
+        recalled = None
+        if self.recall is not None:
+            got = await asyncio.to_thread(self.recall.recall, opts["task"], _user_text(messages))
+            if got is not None:
+                recalled = {"ids": got[0].passage_ids + got[0].experience_ids, "knowledge_version": got[1]}
+                messages = with_context(messages, got[0].context)
         async with self._gen_lock:
             served = self._served  # this request finishes on this version, whatever is swapped in meanwhile
             try:
@@ -281,7 +292,7 @@ class StudentServer:
                 return _error(400, f"'messages' are {len(ids)} tokens; with max_tokens {decoding.max_new_tokens} "
                                    f"they exceed the model context of {served.gen.context} tokens", "messages")
             head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": opts["model"],
-                    "backpack": {"version": served.version}}
+                    "backpack": {"version": served.version, **({"recalled": recalled} if recalled else {})}}
             if opts["stream"]:
                 return await self._stream(request, served, ids, decoding, head, opts["include_usage"])
             try:
@@ -336,6 +347,10 @@ class StudentServer:
             cancel.set()
             await asyncio.wait([job])  # the model is free again before the next request takes the lock
         return resp
+
+
+def _user_text(messages: list[dict]) -> str:
+    return " ".join(m["content"] for m in messages if m["role"] == "user")
 
 
 def _usage(ids: list[int], tokens: list[int]) -> dict:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from backpack.core.config import TeacherConfig
+from backpack.core.recall import with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
@@ -123,7 +124,7 @@ class HFTeacher:
         return c
 
     def _encode(self, q: Query) -> list[int]:
-        return encode_chat(self.tokenizer, q.messages)
+        return encode_chat(self.tokenizer, with_context(q.messages, q.context))
 
     def _generate(self, group: list[Query], ids: list[list[int]], p: DecodingParams) -> list[Completion]:
         width = max(len(x) for x in ids)

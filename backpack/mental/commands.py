@@ -1,0 +1,116 @@
+"""`backpack mental ...`: the knowledge store of a run, from the command line.
+
+    backpack mental import CONFIG FILE                  import a pack (a new version per task that changed)
+    backpack mental show CONFIG [TASK] [--json]         the tasks and versions; a task's knowledge and history
+    backpack mental add CONFIG TASK --id ID --passage TEXT
+    backpack mental add CONFIG TASK --id ID --question Q --answer A
+    backpack mental add CONFIG TASK --persona TEXT
+    backpack mental export CONFIG FILE|- [--task T ...]  write the current knowledge as a pack (.jsonl, .json, else YAML)
+
+They reach the run's Redis like `backpack status` does (the configured server, the live run's embedded one, or
+the embedded one started from its files). Each change makes a new knowledge version; dataset rows record the
+version their teacher answered with.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import yaml
+
+from backpack.core.config import MentalConfig, RunConfig
+from backpack.errors import InputError
+from backpack.mental.pack import Experience, Passage, load_pack, pack_jsonl
+from backpack.mental.setup import check_budget, token_counter
+from backpack.mental.store import MentalStore
+
+
+def _budget(cfg: RunConfig) -> int:
+    return (cfg.mental or MentalConfig()).budget
+
+
+def import_file(cfg: RunConfig, path: str) -> dict:
+    from backpack.pipeline import attach_redis
+
+    pack = load_pack(path)
+    check_budget(pack, _budget(cfg), token_counter(cfg), path)
+    with attach_redis(cfg) as url:
+        return MentalStore(url, cfg.name).import_pack(pack, note=f"import {path}")
+
+
+def show(cfg: RunConfig, task: str | None, version: int | None = None) -> dict:
+    from backpack.pipeline import attach_redis
+
+    with attach_redis(cfg) as url:
+        store = MentalStore(url, cfg.name)
+        if task is None:
+            return {"tasks": store.tasks()}
+        knowledge, v = store.get(task, version)
+        return {"task": task, "version": v, "current": store.version(task), **knowledge.model_dump(),
+                "history": store.history(task)}
+
+
+def add(cfg: RunConfig, task: str, item_id: str | None, passage: str | None, question: str | None,
+        answer: str | None, persona: str | None) -> int:
+    from backpack.pipeline import attach_redis
+
+    kinds = [passage is not None, question is not None or answer is not None, persona is not None]
+    if sum(kinds) != 1:
+        raise InputError("mental add takes one of: --passage TEXT, --question Q --answer A, or --persona TEXT")
+    p = e = None
+    if passage is not None or question is not None or answer is not None:
+        if not item_id:
+            raise InputError("mental add: --id is needed for a passage or an experience")
+        if passage is not None:
+            p = Passage(id=item_id, text=passage)
+            text = passage
+        else:
+            if not question or not answer:
+                raise InputError("mental add: an experience needs both --question and --answer")
+            e = Experience(id=item_id, question=question, answer=answer)
+            text = f"Q: {question}\nA: {answer}"
+        if not text.strip():
+            raise InputError(f"mental add: item {item_id!r} has no text")
+        n = token_counter(cfg)(text)
+        if n > _budget(cfg):
+            raise InputError(f"mental add: item {item_id!r} is {n} tokens, larger than the recall budget of "
+                             f"{_budget(cfg)} (mental.budget): it could never be recalled")
+    with attach_redis(cfg) as url:
+        return MentalStore(url, cfg.name).add(task, passage=p, experience=e, persona=persona)
+
+
+def export(cfg: RunConfig, dest: str, tasks: list[str] | None) -> int:
+    from backpack.pipeline import attach_redis
+
+    with attach_redis(cfg) as url:
+        pack = MentalStore(url, cfg.name).export(tasks or None)
+    data = pack.model_dump()
+    if dest.endswith(".jsonl"):
+        text = pack_jsonl(pack)
+    elif dest.endswith(".json"):
+        text = json.dumps(data, indent=1, ensure_ascii=False)
+    else:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110)
+    if dest == "-":
+        sys.stdout.write(text)
+    else:
+        with open(dest, "w", encoding="utf-8") as f:
+            f.write(text)
+    return len(pack.tasks)
+
+
+def format_show(out: dict) -> str:
+    if "tasks" in out:
+        if not out["tasks"]:
+            return "the knowledge store is empty (backpack mental import CONFIG FILE)"
+        return "\n".join(f"{t}: version {v}" for t, v in out["tasks"].items())
+    lines = [f"task {out['task']}: version {out['version']} (current {out['current']})",
+             f"persona: {out['persona'] or '(none)'}", f"passages ({len(out['passages'])}):"]
+    lines += [f"  [{p['id']}] {p['text']}" for p in out["passages"]]
+    lines.append(f"experiences ({len(out['experiences'])}):")
+    lines += [f"  [{e['id']}] Q: {e['question']}\n      A: {e['answer']}" for e in out["experiences"]]
+    lines.append("history:")
+    lines += [f"  v{h['version']}: {h['passages']} passage(s), {h['experiences']} experience(s) ({h['note']})"
+              for h in out["history"]]
+    return "\n".join(lines)
