@@ -38,7 +38,10 @@ class MentalStore:
 
     def __init__(self, redis_url: str, run: str, password_env: Optional[str] = None):
         self.redis = RunRedis(redis_url, run, password_env)
-        self.k = lambda *parts: self.redis.keys("mental", *parts)
+
+    def k(self, *parts: str) -> str:
+        """A key under the run's `mental:` prefix."""
+        return self.redis.keys("mental", *parts)
 
     # ------------------------------------------------------------ reading
 
