@@ -75,6 +75,11 @@ class Recalled:
     experience_ids: list[str] = field(default_factory=list)
     tokens: int = 0
 
+    @property
+    def ids(self) -> list[str]:
+        """Every recalled item's id: passages, then experiences (what a dataset row records)."""
+        return self.passage_ids + self.experience_ids
+
 
 def pack_context(persona: str, ranked: Sequence[Item], budget: int, count: Callable[[str], int],
                  max_items: int = 8) -> Recalled:

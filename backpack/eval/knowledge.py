@@ -111,7 +111,7 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
                             if labelled else None),
         "seconds": time.perf_counter() - t0,
         "answers": [{"id": q.id, "question": q.question, "facts": [list(f) for f in q.facts],
-                     "recalled": recalled[q.id][0].passage_ids + recalled[q.id][0].experience_ids,
+                     "recalled": recalled[q.id][0].ids,
                      **{k: v[i] for k, v in answers.items()}} for i, q in enumerate(questions)],
     }
     path = cfg.run_dir / "eval" / f"facts-{Path(questions_path).stem}.json"

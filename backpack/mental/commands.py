@@ -5,7 +5,7 @@
     backpack mental add CONFIG TASK --id ID --passage TEXT
     backpack mental add CONFIG TASK --id ID --question Q --answer A
     backpack mental add CONFIG TASK --persona TEXT
-    backpack mental export CONFIG FILE|- [--task T ...]  write the current knowledge as a pack (.jsonl, .json, else YAML)
+    backpack mental export CONFIG FILE|- [--task T ...]  write the current knowledge (.jsonl, .json, else YAML)
 
 They reach the run's Redis like `backpack status` does (the configured server, the live run's embedded one, or
 the embedded one started from its files). Each change makes a new knowledge version; dataset rows record the
@@ -18,11 +18,12 @@ import json
 import sys
 
 import yaml
+from pydantic import ValidationError
 
 from backpack.core.config import MentalConfig, RunConfig
 from backpack.errors import InputError
-from backpack.mental.pack import Experience, Passage, load_pack, pack_jsonl
-from backpack.mental.setup import check_budget, token_counter
+from backpack.mental.pack import Experience, Passage, pack_jsonl
+from backpack.mental.setup import load_checked_pack, over_budget, token_counter
 from backpack.mental.store import MentalStore
 
 
@@ -33,8 +34,7 @@ def _budget(cfg: RunConfig) -> int:
 def import_file(cfg: RunConfig, path: str) -> dict:
     from backpack.pipeline import attach_redis
 
-    pack = load_pack(path)
-    check_budget(pack, _budget(cfg), token_counter(cfg), path)
+    pack = load_checked_pack(path, _budget(cfg), token_counter(cfg))  # before the run's Redis is reached
     with attach_redis(cfg) as url:
         return MentalStore(url, cfg.name).import_pack(pack, note=f"import {path}")
 
@@ -62,20 +62,20 @@ def add(cfg: RunConfig, task: str, item_id: str | None, passage: str | None, que
     if passage is not None or question is not None or answer is not None:
         if not item_id:
             raise InputError("mental add: --id is needed for a passage or an experience")
-        if passage is not None:
-            p = Passage(id=item_id, text=passage)
-            text = passage
-        else:
-            if not question or not answer:
-                raise InputError("mental add: an experience needs both --question and --answer")
-            e = Experience(id=item_id, question=question, answer=answer)
-            text = f"Q: {question}\nA: {answer}"
-        if not text.strip():
-            raise InputError(f"mental add: item {item_id!r} has no text")
-        n = token_counter(cfg)(text)
-        if n > _budget(cfg):
-            raise InputError(f"mental add: item {item_id!r} is {n} tokens, larger than the recall budget of "
-                             f"{_budget(cfg)} (mental.budget): it could never be recalled")
+        if passage is None and (not question or not answer):
+            raise InputError("mental add: an experience needs both --question and --answer")
+        try:
+            if passage is not None:
+                p = Passage(id=item_id, text=passage)
+            else:
+                e = Experience(id=item_id, question=question, answer=answer)
+        except ValidationError as err:  # an empty text, an over-long id
+            raise InputError(f"mental add: item {item_id!r}: " + "; ".join(
+                f"{x['loc'][0]}: {x['msg']}" for x in err.errors())) from None
+        # (a text of blanks is refused by the store's own validation when the version is written)
+        too_big = over_budget([(p or e).item()], _budget(cfg), token_counter(cfg))
+        if too_big:
+            raise InputError(f"mental add: {too_big[0]}")
     with attach_redis(cfg) as url:
         return MentalStore(url, cfg.name).add(task, passage=p, experience=e, persona=persona)
 

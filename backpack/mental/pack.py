@@ -43,11 +43,19 @@ class Passage(_Strict):
     id: str = Field(min_length=1, max_length=200)
     text: str = Field(min_length=1)
 
+    def item(self) -> Item:
+        """A passage is matched and recalled by its text."""
+        return Item(self.id, "passage", self.text, self.text)
+
 
 class Experience(_Strict):
     id: str = Field(min_length=1, max_length=200)
     question: str = Field(min_length=1)
     answer: str = Field(min_length=1)
+
+    def item(self) -> Item:
+        """An experience is matched by its question and recalled as the worked question and answer."""
+        return Item(self.id, "experience", self.question, f"Q: {self.question}\nA: {self.answer}")
 
 
 class TaskKnowledge(_Strict):
@@ -57,8 +65,7 @@ class TaskKnowledge(_Strict):
 
     def items(self) -> list[Item]:
         """The task's recallable items: passages match on their text, experiences on their question."""
-        return ([Item(p.id, "passage", p.text, p.text) for p in self.passages]
-                + [Item(e.id, "experience", e.question, f"Q: {e.question}\nA: {e.answer}") for e in self.experiences])
+        return [p.item() for p in self.passages] + [e.item() for e in self.experiences]
 
 
 class KnowledgePack(_Strict):

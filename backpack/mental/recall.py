@@ -74,13 +74,13 @@ class Recaller:
             return table
         contexts, ids, kv = [], [], []
         for task, messages in zip(table.column("task").to_pylist(), table.column("messages").to_pylist()):
-            got = self.recall(task, _prompt_text(messages), versions)
+            got = self.recall(task, prompt_text(messages), versions)
             if got is None:
                 contexts.append(None), ids.append([]), kv.append(None)
                 continue
             r, version = got
             contexts.append(r.context or None)
-            ids.append(r.passage_ids + r.experience_ids)
+            ids.append(r.ids)
             kv.append(version)
         for name, values in (("context", contexts), ("recalled_ids", ids), ("knowledge_version", kv)):
             i = table.schema.get_field_index(name)
@@ -88,7 +88,8 @@ class Recaller:
         return table
 
 
-def _prompt_text(messages: list[dict]) -> str:
-    """What recall matches: the user's turns (the last one counts twice: it is the question being asked)."""
+def prompt_text(messages: list[dict]) -> str:
+    """What recall matches for a conversation: the user's turns (the last one counts twice: it is the question
+    being asked). The scheduler and the StudentServer both recall with it, so they choose alike."""
     users = [m["content"] for m in messages if m["role"] == "user"]
     return " ".join(users + users[-1:])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from backpack.core.config import RunConfig
+from backpack.core.recall import Item
 from backpack.errors import ConfigError, InputError
 from backpack.mental.pack import PACK, KnowledgePack, load_pack
 from backpack.mental.recall import Recaller, TokenCounter
@@ -18,17 +19,25 @@ def token_counter(cfg: RunConfig) -> TokenCounter:
     return TokenCounter(cfg.teachers[0].model)
 
 
+def over_budget(items: Iterable[Item], budget: int, count: Callable[[str], int]) -> list[str]:
+    """A line for every item that could never be recalled: larger than the budget on its own."""
+    return [f"{it.kind} {it.id!r} is {n} tokens, larger than the recall budget of {budget} (mental.budget): "
+            f"split it or raise the budget" for it in items if (n := count(it.text)) > budget]
+
+
 def check_budget(pack: KnowledgePack, budget: int, count: Callable[[str], int], source: str) -> None:
-    """ConfigError naming every passage or experience that could never be recalled: larger than the budget."""
-    problems = []
-    for name, task in pack.tasks.items():
-        for it in task.items():
-            n = count(it.text)
-            if n > budget:
-                problems.append(f"tasks.{name}: {it.kind} {it.id!r} is {n} tokens, larger than the recall budget "
-                                f"of {budget} (mental.budget): split it or raise the budget")
+    """ConfigError naming every passage or experience of `pack` larger than the budget."""
+    problems = [f"tasks.{name}: {line}" for name, task in pack.tasks.items()
+                for line in over_budget(task.items(), budget, count)]
     if problems:
         raise ConfigError(source, problems, PACK)
+
+
+def load_checked_pack(path: str, budget: int, count: Callable[[str], int]) -> KnowledgePack:
+    """A pack file loaded, validated and checked against the budget: ready to import."""
+    pack = load_pack(path)
+    check_budget(pack, budget, count, path)
+    return pack
 
 
 def prepare_recall(cfg: RunConfig, redis_url: str, prompt_tasks: Optional[Iterable[str]] = None,
@@ -42,8 +51,7 @@ def prepare_recall(cfg: RunConfig, redis_url: str, prompt_tasks: Optional[Iterab
     store = MentalStore(redis_url, cfg.name)
     count = token_counter(cfg)
     if mc.path is not None:
-        pack = load_pack(mc.path)
-        check_budget(pack, mc.budget, count, mc.path)
+        pack = load_checked_pack(mc.path, mc.budget, count)
         for task, (version, changed) in store.import_pack(pack).items():
             report(f"knowledge of task {task!r}: version {version}" + (" (imported)" if changed else " (unchanged)"))
     versions = store.tasks()

@@ -29,6 +29,7 @@ from backpack.core.config import ServeConfig, StudentConfig
 from backpack.core.recall import with_context
 from backpack.core.types import LENGTH, STOP, DecodingParams
 from backpack.errors import InputError
+from backpack.mental.recall import prompt_text
 from backpack.student.registry import Registry, load_version
 from backpack.teachers.hf import HFTeacher, encode_chat
 
@@ -276,9 +277,9 @@ class StudentServer:
             return _error(400, e.message, e.param)
         recalled = None
         if self.recall is not None:
-            got = await asyncio.to_thread(self.recall.recall, opts["task"], _user_text(messages))
+            got = await asyncio.to_thread(self.recall.recall, opts["task"], prompt_text(messages))
             if got is not None:
-                recalled = {"ids": got[0].passage_ids + got[0].experience_ids, "knowledge_version": got[1]}
+                recalled = {"ids": got[0].ids, "knowledge_version": got[1]}
                 messages = with_context(messages, got[0].context)
         async with self._gen_lock:
             served = self._served  # this request finishes on this version, whatever is swapped in meanwhile
@@ -347,10 +348,6 @@ class StudentServer:
             cancel.set()
             await asyncio.wait([job])  # the model is free again before the next request takes the lock
         return resp
-
-
-def _user_text(messages: list[dict]) -> str:
-    return " ".join(m["content"] for m in messages if m["role"] == "user")
 
 
 def _usage(ids: list[int], tokens: list[int]) -> dict:
