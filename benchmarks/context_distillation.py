@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/context_distillation.py [--config examples/mental.yaml]
         [--questions examples/mental/questions.jsonl] [key=value ...]
 
-A fresh run of the config (in a temporary storage folder unless `storage.path=...` is given): the teacher
+A fresh run of the config (in a temporary storage folder, removed at exit unless `--keep`, or in
+`storage.path=...` when given: a run's checkpoints take gigabytes): the teacher
 answers the training prompts with recall (generate), the student trains on the prompts without it (train),
 then the held-out questions are answered in four settings and scored for their reference facts (eval). The
 baseline is the teacher with context, measured in the same run: the benchmark prints the share of its accuracy
@@ -14,7 +15,9 @@ the student knew before), and the wall time of each stage.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,6 +32,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "examples" / "mental.yaml"))
     ap.add_argument("--questions", default=str(REPO / "examples" / "mental" / "questions.jsonl"))
+    ap.add_argument("--keep", action="store_true", help="keep the temporary run folder (checkpoints, answers)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=80")
     args = ap.parse_args()
 
@@ -38,9 +42,12 @@ def main() -> int:
     from backpack.eval.knowledge import evaluate_facts, format_facts
     from backpack.pipeline import Reporter, generate
 
-    overrides = list(args.overrides)
+    overrides, tmp = list(args.overrides), None
     if not any(o.startswith("storage.path=") for o in overrides):
-        overrides.append(f"storage.path={tempfile.mkdtemp(prefix='backpack-cd-')}")
+        tmp = tempfile.mkdtemp(prefix="backpack-cd-")
+        overrides.append(f"storage.path={tmp}")
+        if not args.keep:
+            atexit.register(shutil.rmtree, tmp, True)
     os.chdir(REPO)  # the shipped config's paths are relative to the repository
     cfg = load_config(args.config, overrides)
 
@@ -74,7 +81,8 @@ def main() -> int:
           f"(goal >= {GOAL:.2f}x: {'met' if acc['distilled'] / teacher >= GOAL else 'NOT met'})")
     print(f"  distilled student with recall     {acc['distilled_recall'] / teacher:5.2f}x the baseline")
     print(f"wall time: {wall:.0f} s (generate {times['generate']:.0f} s, train {times['train']:.0f} s, "
-          f"eval {times['eval']:.0f} s); run folder {cfg.run_dir}; answers in {out['path']}")
+          f"eval {times['eval']:.0f} s); run folder {cfg.run_dir}"
+          f"{' (removed at exit: --keep keeps it)' if tmp and not args.keep else ''}; answers in {out['path']}")
     return 0
 
 

@@ -20,8 +20,10 @@ prompts to its intake while a client asks the StudentServer questions without pa
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -114,6 +116,7 @@ def main() -> int:
     from backpack.student.registry import Registry
 
     tmp = tempfile.mkdtemp(prefix="bench-continual-")
+    atexit.register(shutil.rmtree, tmp, True)  # the run's checkpoints take gigabytes
     cfg = load_config(args.config, [f"storage.path={tmp}", "serve.port=0"])
     print(f"baseline: one teacher replica alone ({cfg.teachers[0].threads} thread(s), batch "
           f"{cfg.teachers[0].batch_size})...", flush=True)

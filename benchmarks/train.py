@@ -12,8 +12,10 @@ the time its steps took. Goal: Ray Train with one worker reaches at least 0.90x 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +38,9 @@ def dataset_rows(path: Path, n: int):
     from backpack.teachers.hf import HFTeacher
 
     qs, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=48, logprobs=4), limit=n)
-    store = DatasetStore(Path(tempfile.mkdtemp()) / "ds")
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    atexit.register(shutil.rmtree, tmp, True)
+    store = DatasetStore(Path(tmp) / "ds")
     store.append(HFTeacher(TeacherConfig(name="smol", threads=os.cpu_count() or 2, batch_size=16))
                  .generate(queries_to_table(qs)))
     return store
