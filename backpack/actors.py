@@ -23,8 +23,24 @@ def teacher_options(cfg: TeacherConfig) -> dict:
                                           "TOKENIZERS_PARALLELISM": "false"}})
 
 
-def spawn_teacher(cfg: TeacherConfig, replica: str):
-    return ray.remote(TeacherHost).options(**teacher_options(cfg)).remote(cfg, replica)
+def spawn_teacher(cfg: TeacherConfig, replica: str, placement_group=None, bundle: int = 0):
+    """One teacher replica; in bundle `bundle` of `placement_group` when its teacher reserves its replicas
+    together (teacher.placement other than "any")."""
+    opts = teacher_options(cfg)
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement_group, placement_group_bundle_index=bundle)
+    return ray.remote(TeacherHost).options(**opts).remote(cfg, replica)
+
+
+def reserve_replicas(cfg: TeacherConfig):
+    """A placement group with one bundle per replica of `cfg`, by its placement strategy (not yet ready)."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group([cfg.bundle()] * cfg.replicas, strategy=cfg.placement.upper(),
+                           name=f"teacher-{cfg.name}-{id(cfg):x}")
 
 
 def spawn_scheduler(*args, **kwargs):
@@ -37,7 +53,7 @@ def spawn_server(student_cfg, serve_cfg, registry, model_name: str = "backpack-s
     from backpack.student.server import StudentServer
 
     return ray.remote(StudentServer).options(
-        num_cpus=serve_cfg.num_cpus, max_restarts=0,
+        num_cpus=serve_cfg.num_cpus, resources=dict(serve_cfg.resources), max_restarts=0,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(serve_cfg.threads), "TOKENIZERS_PARALLELISM": "false"}},
     ).remote(student_cfg, serve_cfg, registry, model_name, **kwargs)
 

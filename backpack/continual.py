@@ -97,6 +97,7 @@ class ContinualRun:
                 self.rep.stage("starting Ray" if ray_runtime.is_local(self.cfg.ray) else
                                f"connecting to Ray at {ray_runtime.target_address(self.cfg.ray)}")
                 started_ray = ray_runtime.connect(self.cfg.ray)
+                ray_runtime.check_shared_state(self.cfg)
                 self._start()
                 self._watch()
             except KeyboardInterrupt:
@@ -114,16 +115,16 @@ class ContinualRun:
     def _start(self) -> None:
         import ray
 
-        from backpack.distill import latest_checkpoint, student_checks, training_demands
+        from backpack.distill import latest_checkpoint, student_checks, training_group
         from backpack.mental.setup import prepare_recall
         from backpack.pool import TeacherPool
         from backpack.student.registry import Registry
 
         cfg = self.cfg
         self.pool = TeacherPool(cfg.teachers)
-        ray_runtime.check_placement(
-            self.pool.demands() + training_demands(cfg.training)
-            + ([("student server", {"CPU": self.sc.num_cpus})] if self.sc.num_cpus else []))
+        server = {k: float(v) for k, v in {"CPU": self.sc.num_cpus, **self.sc.resources}.items() if v}
+        ray_runtime.check_placement(self.pool.demands() + ([("student server", server)] if server else []),
+                                    self.pool.groups() + [training_group(cfg.training)])
         if ray_runtime.is_local(cfg.ray):
             self.rep.stage("preparing models (a GGUF is converted once, then cached)")
             prepare_models(cfg)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from backpack.core.config import EvalConfig, RunConfig, TrainingConfig
+from backpack.core.resources import Group
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, ConfigError, DatasetError, InputError
 from backpack.pipeline import Reporter, redis_for, run_lock
@@ -105,10 +106,11 @@ def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig
     return tc, same
 
 
-def training_demands(tc: TrainingConfig) -> list:
-    """What the Ray Train workers need of the cluster, one demand per worker (for the placement check)."""
-    need = {k: v for k, v in {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0}.items() if v}
-    return [(f"training worker {i}", need) for i in range(tc.num_workers)]
+def training_group(tc: TrainingConfig) -> Group:
+    """What the Ray Train workers need of the cluster: one bundle per worker, placed by training.placement
+    (Ray Train reserves them as one placement group)."""
+    need = {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0, **tc.resources_per_worker}
+    return Group("training workers", ({k: float(v) for k, v in need.items() if v},) * tc.num_workers, tc.placement)
 
 
 def _last_error(err: BaseException) -> str:
@@ -170,7 +172,8 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         with redis_for(cfg) as redis_url:
             started = ray_runtime.connect(cfg.ray)
             try:
-                ray_runtime.check_placement(training_demands(tc))
+                ray_runtime.check_shared_state(cfg)
+                ray_runtime.check_placement([], [training_group(tc)])
                 registry = Registry(redis_url, cfg.name, cfg.run_dir)
                 before = {m["version"] for m in registry.versions()}
                 ds = training_dataset(store, frac)

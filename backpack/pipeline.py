@@ -182,7 +182,8 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
             local = ray_runtime.is_local(cfg.ray)
             rep.stage("starting Ray" if local else f"connecting to Ray at {ray_runtime.target_address(cfg.ray)}")
             started_ray = ray_runtime.connect(cfg.ray)
-            ray_runtime.check_placement(pool.demands())
+            ray_runtime.check_shared_state(cfg)
+            ray_runtime.check_placement(pool.demands(), pool.groups())
             if local:
                 rep.stage("preparing teacher models (a GGUF is converted once, then cached)")
                 prepare_models(cfg)

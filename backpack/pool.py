@@ -8,9 +8,9 @@ from typing import Callable, Optional
 import pyarrow as pa
 import ray
 
-from backpack.actors import spawn_teacher, teacher_options
+from backpack.actors import reserve_replicas, spawn_teacher
 from backpack.core.config import TeacherConfig
-from backpack.core.resources import Demand
+from backpack.core.resources import Demand, Group
 from backpack.errors import BackpackError, TeacherError
 
 
@@ -51,15 +51,29 @@ class TeacherPool:
         self.configs = teachers
         self.replicas: list[RayReplica] = []
         self.infos: list[dict] = []
+        self.placement_groups: list = []
 
     def demands(self) -> list[Demand]:
-        out = []
-        for t in self.configs:
-            opts = teacher_options(t)
-            need = {"CPU": opts["num_cpus"], "GPU": opts["num_gpus"], **opts["resources"]}
-            out += [(f"teacher {t.name!r} replica {i}", {k: v for k, v in need.items() if v})
-                    for i in range(t.replicas)]
-        return out
+        """One demand per replica that Ray places on its own (teacher.placement "any")."""
+        return [(f"teacher {t.name!r} replica {i}", t.bundle())
+                for t in self.configs if t.placement == "any" for i in range(t.replicas)]
+
+    def groups(self) -> list[Group]:
+        """The teachers whose replicas are reserved together, by strategy (for the placement check)."""
+        return [Group(f"teacher {t.name!r}", (t.bundle(),) * t.replicas, t.placement)
+                for t in self.configs if t.placement != "any"]
+
+    def _reserve(self, t: TeacherConfig, timeout: float):
+        """A ready placement group for `t`'s replicas. The placement check has already seen that the cluster
+        can hold it; this waits for resources other jobs hold, then gives up naming the teacher."""
+        pg = reserve_replicas(t)
+        self.placement_groups.append(pg)
+        ready, _ = ray.wait([pg.ready()], timeout=timeout)
+        if not ready:
+            self.shutdown()
+            raise TeacherError(t.name, f"the cluster did not reserve its {t.replicas} replica(s) "
+                                       f"({t.placement}, {t.bundle()} each) within {timeout:.0f} s")
+        return pg
 
     def start(self, timeout: float = 900.0, report: Optional[Callable[[str], None]] = None) -> list[dict]:
         """Spawn every replica and wait until each has loaded its model. Raises TeacherError naming the first
@@ -67,9 +81,10 @@ class TeacherPool:
         30 s while replicas wait (for a model load, or for cluster resources other jobs hold)."""
         pending = {}
         for t in self.configs:
+            pg = self._reserve(t, timeout) if t.placement != "any" else None
             for i in range(t.replicas):
                 name = f"{t.name}/{i}"
-                actor = spawn_teacher(t, name)
+                actor = spawn_teacher(t, name, pg, i)
                 self.replicas.append(RayReplica(actor, name, t.name, t.batch_size, t.max_in_flight))
                 pending[actor.ready.remote()] = name
         total, infos = len(pending), {}
@@ -104,3 +119,9 @@ class TeacherPool:
             except Exception:  # already dead
                 pass
         self.replicas = []
+        for pg in self.placement_groups:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # already removed with its job
+                pass
+        self.placement_groups = []

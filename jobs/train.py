@@ -3,7 +3,7 @@
 Submit from the repository root to a running cluster (its dashboard address, port 8265 by default):
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m jobs.train --config examples/quickstart.yaml storage.path=/shared/runs
+        python -m jobs.train --config examples/quickstart.yaml storage.path=/shared/runs storage.shared=true
 
 What the cluster needs (dependencies, RAY_AUTH_MODE, shared storage and Redis): see jobs/__init__.py.
 """

@@ -7,7 +7,7 @@ import pytest
 
 from backpack.core.manifest import Manifest
 from backpack.core.prompts import read_prompts
-from backpack.core.resources import placement_problems
+from backpack.core.resources import Group, multi_node_problems, placement_problems
 from backpack.core.routing import ReplicaView, can_ever_serve, least_loaded, round_robin
 from backpack.core.schema import (DATASET_SCHEMA, QUERY_SCHEMA, check_dataset_table, completions_to_table,
                                   failed_table, queries_to_table, table_to_queries)
@@ -129,6 +129,37 @@ def test_placement_reports_required_vs_available():
     probs = placement_problems([("big", {"CPU": 3})], [{"CPU": 2}, {"CPU": 2}])
     assert "big needs CPU=3 on one node" in probs[0]
     assert placement_problems([("t", {"teacher": 1})], [{"CPU": 4}])[0].endswith("(short of teacher)")
+
+
+def test_placement_groups_by_strategy():
+    nodes = [{"CPU": 2, "teacher": 1}, {"CPU": 2, "teacher": 1}, {"CPU": 2, "trainer": 1}]
+    two = (({"CPU": 1, "teacher": 1},) * 2)
+    # one replica per teacher node fits spread; packed on one node it does not (each node has teacher=1)
+    assert placement_problems([], nodes, [Group("teacher 'a'", two, "strict_spread")]) == []
+    probs = placement_problems([], nodes, [Group("teacher 'a'", two, "strict_pack")])
+    assert len(probs) == 1 and "teacher 'a' packs 2 replica(s) on one node" in probs[0] and "teacher=2" in probs[0]
+    # strict_spread over more nodes than can take a bundle: names how many could
+    three = ({"CPU": 1},) * 4
+    probs = placement_problems([], nodes, [Group("teacher 'b'", three, "strict_spread")])
+    assert "only 3 node(s) can take one" in probs[0]
+    # CPU-only bundles pack on one node when it is big enough
+    assert placement_problems([], [{"CPU": 4}, {"CPU": 1}], [Group("w", ({"CPU": 2},) * 2, "strict_pack")]) == []
+    # pack / spread are preferences: checked bundle by bundle, and strict groups take their nodes first
+    assert placement_problems([("solo", {"CPU": 2})], [{"CPU": 2}, {"CPU": 2}],
+                              [Group("g", ({"CPU": 2},), "strict_pack")]) == []
+    probs = placement_problems([("solo", {"CPU": 2, "trainer": 1})], nodes, [Group("g", two, "spread")])
+    assert probs == []
+    probs = placement_problems([("x", {"trainer": 1})], nodes, [Group("g", ({"CPU": 2, "trainer": 1},), "pack")])
+    assert "short of trainer" in probs[0]
+
+
+def test_multi_node_refuses_driver_local_state():
+    assert multi_node_problems(None, "runs", False, 1) == []            # one node: embedded Redis, local folder
+    probs = multi_node_problems(None, "runs", False, 3)
+    assert len(probs) == 2 and probs[0].startswith("redis.url: not set") and "3 nodes" in probs[0]
+    assert probs[1].startswith("storage.path: 'runs' may be a folder of this machine only")
+    assert "storage.shared: true" in probs[1]
+    assert multi_node_problems("redis://h:6379/0", "/nfs/runs", True, 3) == []
 
 
 # ------------------------------------------------------------------ prompts

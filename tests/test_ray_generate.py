@@ -163,3 +163,31 @@ def test_one_run_of_a_name_at_a_time(tmp_path):
     with run_lock(cfg):
         with pytest.raises(InputError, match="already running"):
             generate(cfg)
+
+
+def test_replicas_reserved_in_a_placement_group(ray_session, smol_dir, tmp_path):
+    from ray.util import placement_group_table
+
+    from backpack.runtime.ray_runtime import check_placement
+
+    pool = TeacherPool([smol(placement="strict_pack")])
+    # one node: two replicas cannot spread over different nodes, and the check says so before spawning
+    spread = TeacherPool([smol(placement="strict_spread")])
+    with pytest.raises(ResourceError, match="strict_spread"):
+        check_placement(spread.demands(), spread.groups())
+    assert pool.demands() == [] and pool.groups()[0].strategy == "strict_pack"
+    check_placement(pool.demands(), pool.groups())
+    try:
+        infos = pool.start()
+        node = ray_session.get_runtime_context().get_node_id()
+        assert [i["node"] for i in infos] == [node, node]
+        pg = pool.placement_groups[0]
+        table = placement_group_table(pg)
+        assert table["state"] == "CREATED" and table["strategy"] == "STRICT_PACK"
+        assert [b for b in table["bundles"].values()] == [{"CPU": 1.0}, {"CPU": 1.0}]
+        summary = ray_session.get(spawn_scheduler(pool.replicas, DatasetStore(tmp_path / "ds"), None)
+                                  .run.remote(query_table(4)))
+        assert summary["ok_rows"] == 4
+    finally:
+        pool.shutdown()
+    assert placement_group_table(pg)["state"] == "REMOVED"

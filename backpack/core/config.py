@@ -32,6 +32,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources: names a node operator gives (`ray start --resources`), never CPU/GPU/memory,
+    which have their own fields."""
+    for name, amount in v.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name!r} is not a custom resource: use the section's CPU/GPU fields")
+        if amount < 0:
+            raise ValueError(f"resource {name!r}: amount must be >= 0 (got {amount!r})")
+    return v
+
+
 class RayConfig(_Section):
     address: Optional[str] = None      # None: start a local cluster; "auto", "ray://host:10001", "host:6379": connect
     dashboard: bool = False            # start the dashboard with a local cluster
@@ -53,6 +64,19 @@ class RedisConfig(_Section):
 
 class StorageConfig(_Section):
     path: str = "runs"                 # root folder; the run writes under <path>/<name>/
+    # The path is a mount every node of a multi-node cluster sees at the same place (NFS, or nodes on one
+    # machine). A multi-node run refuses a local path without it: each node would write its own copy.
+    shared: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _folder(cls, v):
+        # Checkpoints, student versions and reports are still written with local file APIs: a URI would become
+        # a folder named "s3:" on each node, which is the node-local accident this refusal prevents.
+        if "://" in v:
+            raise ValueError(f"object-store URIs are not supported for a whole run yet (got {v!r}): use a folder "
+                             "every node mounts (NFS, a cloud file share) and set storage.shared: true")
+        return v
 
 
 class TeacherConfig(_Section):
@@ -65,6 +89,9 @@ class TeacherConfig(_Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
+    # "any": Ray places each replica where it fits. pack / spread / strict_pack / strict_spread reserve all
+    # replicas at once in a placement group with that strategy (strict_spread: one replica per node).
+    placement: Literal["any", "pack", "spread", "strict_pack", "strict_spread"] = "any"
     threads: int = Field(1, ge=1, le=256)       # torch threads per replica
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -79,11 +106,21 @@ class TeacherConfig(_Section):
             raise ValueError(f"unknown backend {v!r} (choose from {', '.join(BUILT_BACKENDS + RESERVED_BACKENDS)})")
         return v
 
+    _resources = field_validator("resources")(classmethod(lambda cls, v: _custom_resources(v)))
+
     @model_validator(mode="after")
     def _device_matches_gpus(self):
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError("device 'cuda' needs num_gpus > 0 so Ray places the replica on a GPU")
+        if self.placement != "any" and not (self.num_cpus or self.num_gpus or any(self.resources.values())):
+            raise ValueError(f"placement {self.placement!r} reserves each replica's resources in a placement "
+                             "group: give the replicas num_cpus, num_gpus or resources")
         return self
+
+    def bundle(self) -> dict[str, float]:
+        """What one replica reserves: its CPUs, GPUs and custom resources (zeros left out)."""
+        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        return {k: float(v) for k, v in need.items() if v}
 
 
 class PromptsConfig(_Section):
@@ -310,6 +347,12 @@ class TrainingConfig(_Section):
     num_workers: int = Field(1, ge=1, le=512)      # data-parallel workers (DDP)
     cpus_per_worker: float = Field(1.0, gt=0)      # fractional is fine: leave CPUs for Ray Data
     use_gpu: bool = False
+    # Custom Ray resources each worker needs, e.g. {trainer: 1} on a cluster whose trainer nodes offer it.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # How Ray Train places the workers: pack (few nodes), spread, strict_pack (one node), strict_spread.
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
+
+    _resources = field_validator("resources_per_worker")(classmethod(lambda cls, v: _custom_resources(v)))
     threads_per_worker: int = Field(1, ge=1, le=256)
     batch_size: int = Field(8, ge=1)               # rows per micro-batch per worker
     grad_accum: int = Field(1, ge=1)               # micro-batches per optimizer step
@@ -367,6 +410,9 @@ class ServeConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, le=32_768)  # default and upper bound of a request's max_tokens
     threads: int = Field(1, ge=1, le=256)              # torch threads of the server
     num_cpus: float = Field(1.0, ge=0)                 # CPUs Ray reserves for the server actor
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources of the server actor
+
+    _resources = field_validator("resources")(classmethod(lambda cls, v: _custom_resources(v)))
     merge: bool = True                                 # serve LoRA versions merged into the base (faster)
 
 

@@ -7,7 +7,7 @@ import os
 import socket
 
 from backpack.core.config import RayConfig
-from backpack.core.resources import Demand, placement_problems
+from backpack.core.resources import Demand, Group, multi_node_problems, placement_problems
 from backpack.errors import BackpackError, ResourceError
 
 DEFAULT_NAMESPACE = "backpack"
@@ -67,6 +67,16 @@ def connect(cfg: RayConfig) -> bool:
     return True
 
 
+def check_shared_state(cfg) -> None:
+    """On a multi-node cluster, refuse an embedded Redis and a node-local storage folder (RunConfig `cfg`):
+    ConfigError naming the fields, before anything is spawned."""
+    from backpack.errors import ConfigError
+
+    problems = multi_node_problems(cfg.redis.url, cfg.storage.path, cfg.storage.shared, len(cluster_nodes()))
+    if problems:
+        raise ConfigError("for this cluster", problems)
+
+
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each live node."""
     import ray
@@ -74,8 +84,8 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def check_placement(demands: list[Demand]) -> None:
-    """Raise ResourceError (required vs available) if the live cluster cannot place `demands`."""
-    problems = placement_problems(demands, cluster_nodes())
+def check_placement(demands: list[Demand], groups: list[Group] | tuple = ()) -> None:
+    """Raise ResourceError (required vs available) if the live cluster cannot place `demands` and `groups`."""
+    problems = placement_problems(demands, cluster_nodes(), groups)
     if problems:
         raise ResourceError("the Ray cluster cannot place this run:\n" + "\n".join(f"  - {p}" for p in problems))

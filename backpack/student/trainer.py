@@ -247,7 +247,9 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
         loop,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=training.num_workers, use_gpu=training.use_gpu,
-                                               resources_per_worker={"CPU": training.cpus_per_worker}),
+                                               resources_per_worker={"CPU": training.cpus_per_worker,
+                                                                     **training.resources_per_worker},
+                                               placement_strategy=training.placement.upper()),
         run_config=ray.train.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=str(Path(storage).resolve()),

@@ -48,7 +48,16 @@ class TeacherHost:
         self.teacher = build_teacher(cfg, replica)
 
     def ready(self) -> dict:
-        return self.teacher.info()
+        """The teacher's info once its model is loaded, with the Ray node it runs on (placement is visible)."""
+        info = dict(self.teacher.info())
+        try:
+            import ray
+
+            if ray.is_initialized():
+                info["node"] = ray.get_runtime_context().get_node_id()
+        except ImportError:  # a plain in-process host in a unit test
+            pass
+        return info
 
     def generate(self, queries: pa.Table) -> pa.Table:
         return self.teacher.generate(queries)
