@@ -57,9 +57,10 @@ def _die_with_parent():  # runs in the child between fork and exec
 class EmbeddedRedis:
     """A redis-server owned by this process. Use as a context manager, or call start() / stop()."""
 
-    def __init__(self, data_dir: str | os.PathLike, port: Optional[int] = None):
+    def __init__(self, data_dir: str | os.PathLike, port: Optional[int] = None, detached: bool = False):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.port = port
+        self.detached = detached  # outlives this process (a local cluster's Redis); else dies with it
         self.password = secrets.token_urlsafe(24)
         self.proc: Optional[subprocess.Popen] = None
 
@@ -82,7 +83,8 @@ class EmbeddedRedis:
         ]))
         os.chmod(conf, 0o600)  # it holds the password
         self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=_die_with_parent, start_new_session=True)
+                                     preexec_fn=None if self.detached else _die_with_parent,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
