@@ -14,7 +14,20 @@ def run(command: str, argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="field overrides, e.g. training.num_workers=2")
     args = ap.parse_args(argv)
     # Inside a Ray Job, RAY_ADDRESS points at the cluster; the run joins it instead of starting one.
-    return main([command, args.config, *args.overrides, "--quiet"])
+    code = main([command, args.config, *args.overrides, "--quiet"])
+    if code == 0 and command == "run":
+        print_report(args.config, args.overrides)
+    return code
+
+
+def print_report(config: str, overrides: list[str]) -> None:
+    """The run's report.md into the job's log, so `ray job logs JOB_ID` gives the report back even to a user
+    who cannot reach the cluster's storage."""
+    from backpack.core.config import load_config
+
+    path = load_config(config, overrides, check_files=False).run_dir / "report" / "report.md"
+    if path.is_file():
+        print(f"\n----- {path} -----\n{path.read_text(encoding='utf-8')}", flush=True)
 
 
 if __name__ == "__main__":

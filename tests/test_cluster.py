@@ -97,6 +97,7 @@ def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, t
                           env=cluster.env, capture_output=True, text=True, timeout=60).stdout
     assert status == "SUCCEEDED", logs[-3000:]
     assert "NLL/token" in logs and "report:" in logs
+    assert "# Backpack report: job" in logs and "## Samples" in logs  # the report itself, from the job's log
     report = json.loads((tmp_path / "runs" / "job" / "report" / "report.json").read_text())
     assert [v["version"] for v in report["versions"]] == [0, 1]
 
