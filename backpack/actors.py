@@ -43,9 +43,18 @@ def reserve_replicas(cfg: TeacherConfig):
                            name=f"teacher-{cfg.name}-{id(cfg):x}")
 
 
+def on_driver_node():
+    """Pin an actor or task to the driver's node. A coordinator that reserves no CPU could otherwise land on
+    any node, a teacher node among them, and that node's death would end the whole run, not just a replica."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def spawn_scheduler(*args, **kwargs):
     # The scheduler only waits on teachers and writes shards: it needs no CPU reservation of its own.
-    return ray.remote(Scheduler).options(num_cpus=0, max_restarts=0).remote(*args, **kwargs)
+    return ray.remote(Scheduler).options(num_cpus=0, max_restarts=0,
+                                         scheduling_strategy=on_driver_node()).remote(*args, **kwargs)
 
 
 def spawn_server(student_cfg, serve_cfg, registry, model_name: str = "backpack-student", **kwargs):
@@ -63,4 +72,5 @@ def spawn_continual_trainer(*args, **kwargs):
     of its own); the ObjectRef resolves to its TrainResult when the run stops, or raises when it failed."""
     from backpack.student.continual import run_continual_training
 
-    return ray.remote(num_cpus=0, max_retries=0)(run_continual_training).remote(*args, **kwargs)
+    return ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=on_driver_node())(
+        run_continual_training).remote(*args, **kwargs)

@@ -110,6 +110,9 @@ def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, t
     # two replicas, strict_spread: one on each teacher node, none on the head
     assert len(teachers) == 2 and set(teachers) == teacher_nodes
     assert workers and set(workers) <= trainer_nodes
+    # the scheduler stays with the driver (on the head in a Ray Job): no teacher node's death can take it along
+    head = next(i for i, n in nodes.items() if n["is_head"])
+    assert {a["node_id"] for a in seen if a["class_name"] == "Scheduler"} == {head}
 
 
 def test_killed_teacher_node_loses_no_prompt(cluster, redis_url, tmp_path, smol_dir):
