@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from backpack.core.config import ContinualConfig, EvalConfig, RunConfig, ServeConfig
+from backpack.core.resources import bundle
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, InputError
 from backpack.pipeline import Reporter, prepare_models, redis_for, run_lock
@@ -122,7 +123,7 @@ class ContinualRun:
 
         cfg = self.cfg
         self.pool = TeacherPool(cfg.teachers)
-        server = {k: float(v) for k, v in {"CPU": self.sc.num_cpus, **self.sc.resources}.items() if v}
+        server = bundle(self.sc.num_cpus, 0.0, self.sc.resources)
         ray_runtime.check_placement(self.pool.demands() + ([("student server", server)] if server else []),
                                     self.pool.groups() + [training_group(cfg.training)])
         if ray_runtime.is_local(cfg.ray):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from backpack.core.config import EvalConfig, RunConfig, TrainingConfig
-from backpack.core.resources import Group
+from backpack.core.resources import Group, bundle
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, ConfigError, DatasetError, InputError
 from backpack.pipeline import Reporter, redis_for, run_lock
@@ -109,8 +109,8 @@ def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig
 def training_group(tc: TrainingConfig) -> Group:
     """What the Ray Train workers need of the cluster: one bundle per worker, placed by training.placement
     (Ray Train reserves them as one placement group)."""
-    need = {"CPU": tc.cpus_per_worker, "GPU": 1.0 if tc.use_gpu else 0.0, **tc.resources_per_worker}
-    return Group("training workers", ({k: float(v) for k, v in need.items() if v},) * tc.num_workers, tc.placement)
+    need = bundle(tc.cpus_per_worker, 1.0 if tc.use_gpu else 0.0, tc.resources_per_worker)
+    return Group("training workers", (need,) * tc.num_workers, tc.placement)
 
 
 def _last_error(err: BaseException) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backpack.core.resources import bundle, check_custom_resources
 from backpack.core.types import DecodingParams
 from backpack.errors import BackpackError, ConfigError
 
@@ -30,17 +31,6 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _custom_resources(v: dict[str, float]) -> dict[str, float]:
-    """Custom Ray resources: names a node operator gives (`ray start --resources`), never CPU/GPU/memory,
-    which have their own fields."""
-    for name, amount in v.items():
-        if name in ("CPU", "GPU", "memory", "object_store_memory"):
-            raise ValueError(f"{name!r} is not a custom resource: use the section's CPU/GPU fields")
-        if amount < 0:
-            raise ValueError(f"resource {name!r}: amount must be >= 0 (got {amount!r})")
-    return v
 
 
 class RayConfig(_Section):
@@ -106,7 +96,7 @@ class TeacherConfig(_Section):
             raise ValueError(f"unknown backend {v!r} (choose from {', '.join(BUILT_BACKENDS + RESERVED_BACKENDS)})")
         return v
 
-    _resources = field_validator("resources")(classmethod(lambda cls, v: _custom_resources(v)))
+    _resources = field_validator("resources")(classmethod(lambda cls, v: check_custom_resources(v)))
 
     @model_validator(mode="after")
     def _device_matches_gpus(self):
@@ -119,8 +109,7 @@ class TeacherConfig(_Section):
 
     def bundle(self) -> dict[str, float]:
         """What one replica reserves: its CPUs, GPUs and custom resources (zeros left out)."""
-        need = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
-        return {k: float(v) for k, v in need.items() if v}
+        return bundle(self.num_cpus, self.num_gpus, self.resources)
 
 
 class PromptsConfig(_Section):
@@ -352,7 +341,7 @@ class TrainingConfig(_Section):
     # How Ray Train places the workers: pack (few nodes), spread, strict_pack (one node), strict_spread.
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
 
-    _resources = field_validator("resources_per_worker")(classmethod(lambda cls, v: _custom_resources(v)))
+    _resources = field_validator("resources_per_worker")(classmethod(lambda cls, v: check_custom_resources(v)))
     threads_per_worker: int = Field(1, ge=1, le=256)
     batch_size: int = Field(8, ge=1)               # rows per micro-batch per worker
     grad_accum: int = Field(1, ge=1)               # micro-batches per optimizer step
@@ -412,7 +401,7 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, ge=0)                 # CPUs Ray reserves for the server actor
     resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources of the server actor
 
-    _resources = field_validator("resources")(classmethod(lambda cls, v: _custom_resources(v)))
+    _resources = field_validator("resources")(classmethod(lambda cls, v: check_custom_resources(v)))
     merge: bool = True                                 # serve LoRA versions merged into the base (faster)
 
 

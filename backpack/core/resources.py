@@ -15,7 +15,25 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 Demand = tuple[str, dict[str, float]]   # (actor name, {"CPU": 1, "GPU": 0, "teacher": 1, ...})
-STRATEGIES = ("pack", "spread", "strict_pack", "strict_spread")
+# Names with their own fields (num_cpus, num_gpus, ...), never custom resources.
+BUILT_IN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_custom_resources(custom: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources, the names node operators give (`ray start --resources`): ValueError naming a
+    built-in name or an amount that is not a number >= 0."""
+    for name, amount in custom.items():
+        if name in BUILT_IN:
+            raise ValueError(f"{name!r} is not a custom resource (CPUs, GPUs and memory have settings of their own)")
+        if not isinstance(amount, (int, float)) or amount < 0:
+            raise ValueError(f"resource {name!r}: amount must be >= 0 (got {amount!r})")
+    return custom
+
+
+def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    """What one actor or worker reserves, as Ray and the placement check take it: zero amounts left out."""
+    need = {"CPU": cpus, "GPU": gpus, **custom}
+    return {k: float(v) for k, v in need.items() if v}
 
 
 @dataclass(frozen=True)
@@ -24,7 +42,7 @@ class Group:
 
     name: str
     bundles: tuple[dict[str, float], ...]
-    strategy: str   # one of STRATEGIES
+    strategy: str   # pack, spread, strict_pack or strict_spread
 
     def demands(self) -> list[Demand]:
         return [(f"{self.name} bundle {i}", dict(b)) for i, b in enumerate(self.bundles)]

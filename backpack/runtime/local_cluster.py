@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from backpack.core.resources import check_custom_resources
 from backpack.errors import BackpackError
 
 HOST = "127.0.0.1"
@@ -90,10 +91,10 @@ class LocalCluster:
                        dict(head_resources or {}))]
         self.specs += [(f"worker-{i}", cpus, dict(r)) for i, r in enumerate(workers)]
         for name, _, res in self.specs:
-            bad = [k for k, v in res.items()
-                   if k in ("CPU", "GPU", "memory") or not isinstance(v, (int, float)) or v < 0]
-            if bad:
-                raise ValueError(f"{name}: {bad} are not custom resources with a number >= 0 (CPUs: cpus_per_node)")
+            try:
+                check_custom_resources(res)
+            except ValueError as e:  # CPUs come from cpus_per_node / head_cpus
+                raise ValueError(f"node {name}: {e}") from None
         self.object_store_mb, self.detached = object_store_mb, detached
         base = _base_env()
         self.added_env = {"PATH": f"{Path(sys.executable).parent}:{base.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
