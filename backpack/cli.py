@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
         return 0
     report = evaluate(cfg, [args.version] if args.version is not None else None, _BarReporter(args.quiet))
     _print_report(report)
-    print(f"report: {cfg.run_dir / 'report' / 'report.md'}")
+    print(f"report: {cfg.files.uri('report/report.md')}")
     return 0
 
 
@@ -173,7 +173,7 @@ def cmd_run(args) -> int:
     _print_trained(train(cfg, rep))
     report = evaluate(cfg, None, rep)
     _print_report(report)
-    print(f"report: {cfg.run_dir / 'report' / 'report.md'} (whole run {time.perf_counter() - t0:.0f} s)")
+    print(f"report: {cfg.files.uri('report/report.md')} (whole run {time.perf_counter() - t0:.0f} s)")
     return 0
 
 

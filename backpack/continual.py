@@ -133,14 +133,14 @@ class ContinualRun:
         # prompts arrive later through the intake, so their tasks are not checked against the knowledge here
         self.recaller = prepare_recall(cfg, self.url, None, self.rep.stage)
         self.store = DatasetStore(str(cfg.dataset_dir))
-        self.registry = Registry(self.url, cfg.name, cfg.run_dir)
+        self.registry = Registry(self.url, cfg.name, cfg.files)
         self.known_versions = {m["version"] for m in self.registry.versions()}
         self._seed_prompts()
         self._start_server()  # first: a port already in use is a clear error before anything slow starts
         self.rep.stage(f"loading {sum(t.replicas for t in cfg.teachers)} teacher replica(s)")
         self.pool.start(report=self.rep.stage)
         self._start_scheduler()
-        resume = latest_checkpoint(cfg.run_dir)
+        resume = latest_checkpoint(cfg.files)
         self._start_trainer(resume[0] if resume else None)
         self.rep.stage("training continually" + (f" from step {resume[1]}" if resume else ""))
         self.gate = _GateThread(self)
@@ -187,14 +187,14 @@ class ContinualRun:
 
     def _start_trainer(self, resume_from: Optional[str]) -> None:
         from backpack.actors import spawn_continual_trainer
+        from backpack.distill import grounded_only
 
         cfg = self.cfg
-        (cfg.run_dir / "train").mkdir(parents=True, exist_ok=True)
         self.trainer = spawn_continual_trainer(
-            str(cfg.dataset_dir), cfg.student, self.tc, self.cc, str(cfg.run_dir / "train"), cfg.name,
+            str(cfg.dataset_dir), cfg.student, self.tc, self.cc, cfg.files.sub("train"), cfg.name,
             redis_url=self.url, run=cfg.name, heldout_fraction=(cfg.eval or EvalConfig()).heldout_fraction,
-            resume_from=resume_from, metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
-            same_tokenizer=self.same_tokenizer, registry=self.registry)
+            resume_from=resume_from, metrics_file=cfg.files.uri("train/metrics.jsonl"),
+            same_tokenizer=self.same_tokenizer, registry=self.registry, grounded_only=grounded_only(cfg))
 
     def _start_server(self) -> None:
         import ray
@@ -305,7 +305,7 @@ class ContinualRun:
         if self.result.restarts["trainer"] > MAX_TRAINER_RESTARTS:
             raise BackpackError(f"the continual trainer {why} {MAX_TRAINER_RESTARTS} times; stopping (rerun the "
                                 "same command to resume from the last checkpoint)")
-        resume = latest_checkpoint(self.cfg.run_dir)
+        resume = latest_checkpoint(self.cfg.files)
         self.rep.stage(f"the trainer {why}: starting it again" + (f" from step {resume[1]}" if resume else ""))
         self._start_trainer(resume[0] if resume else None)
 

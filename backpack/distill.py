@@ -10,11 +10,10 @@ training from the run's latest checkpoint and reuses evaluations already made.
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 import os
-from pathlib import Path
+import tempfile
 from typing import Optional
 
 from backpack.core.config import EvalConfig, RunConfig, TrainingConfig
@@ -84,17 +83,28 @@ def student_checks(cfg: RunConfig, rep: Reporter):
     return tc, same, student
 
 
+def grounded_only(cfg: RunConfig) -> bool:
+    """Whether training keeps only the answers grounded in their recalled context (mental.train_on)."""
+    return cfg.mental is not None and cfg.mental.train_on == "grounded"
+
+
 def preflight(cfg: RunConfig, train_rows, rep: Reporter) -> tuple[TrainingConfig, bool]:
     """Checks before Ray Train starts. Returns the training config to use and whether teacher token ids can be
     used as-is (shared tokenizer)."""
     from backpack.student.examples import build_examples
 
     tc, same, student = student_checks(cfg, rep)
+    if grounded_only(cfg):
+        before = train_rows.column("status").to_pylist().count("ok")
+        train_rows = training_rows(train_rows, 0.0, grounded_only=True)
+        rep.stage(f"mental.train_on=grounded: {train_rows.num_rows} of {before} answer(s) state only what their "
+                  "recalled context says; the others are not trained on")
     rows = train_rows.to_pylist()
     examples, stats = build_examples(rows, student.tokenizer, tc.max_len, same, use_logprobs=False)
     if not examples:
         raise InputError(f"no usable training rows: {stats.rows} row(s), {stats.failed_rows} failed, "
-                         f"{stats.too_long_prompt} with a prompt longer than training.max_len={tc.max_len}")
+                         f"{stats.too_long_prompt} with a prompt longer than training.max_len={tc.max_len}"
+                         + (" (after mental.train_on=grounded)" if grounded_only(cfg) else ""))
     if stats.truncated:
         rep.stage(f"warning: {stats.truncated} of {stats.used} training sequence(s) are longer than "
                   f"training.max_len={tc.max_len} and were truncated")
@@ -119,14 +129,23 @@ def _last_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def training_rows(batch, fraction: float):
-    """The rows of an Arrow batch that training may see: answered, and not held out for evaluation."""
+def training_rows(batch, fraction: float, grounded_only: bool = False):
+    """The rows of an Arrow batch that training may see: answered, not held out for evaluation and, with
+    `grounded_only` (mental.train_on: grounded), not an answer that claims what its recalled context does not say."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    return batch.filter(pc.and_(pc.equal(batch.column("status"), "ok"), pc.invert(_heldout_mask(batch, fraction))))
+    keep = pc.and_(pc.equal(batch.column("status"), "ok"), pc.invert(_heldout_mask(batch, fraction)))
+    if grounded_only and "context" in batch.column_names:
+        from backpack.core.grounding import keep_for_training
+
+        grounded = [keep_for_training(a, c) for a, c in zip(batch.column("text").to_pylist(),
+                                                            batch.column("context").to_pylist())]
+        keep = pc.and_(keep, pa.array(grounded, type=pa.bool_()))
+    return batch.filter(keep)
 
 
-def training_dataset(store: DatasetStore, fraction: float):
+def training_dataset(store: DatasetStore, fraction: float, grounded_only: bool = False):
     """The Ray Dataset training reads: the store's trainable rows, filtered on Arrow batches (not row by row)
     and materialized in the object store first. A batch run reads its data once this way, and the training
     steps then share no CPU with Ray Data's read and filter tasks (on a small machine they slowed every step)."""
@@ -136,17 +155,22 @@ def training_dataset(store: DatasetStore, fraction: float):
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and progress are not the run's news
-    return store.to_ray_dataset().map_batches(functools.partial(training_rows, fraction=fraction),
+    return store.to_ray_dataset().map_batches(functools.partial(training_rows, fraction=fraction,
+                                                                grounded_only=grounded_only),
                                               batch_format="pyarrow").materialize()
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[tuple[str, int]]:
-    """(directory, step) of the newest Ray Train checkpoint of this run, if any."""
+def latest_checkpoint(files) -> Optional[tuple[str, int]]:
+    """(location, step) of the newest Ray Train checkpoint of this run (RunFiles of the run), if any: a local
+    folder, or a URI when the run's storage is an object store."""
     best = None
-    for state in glob.glob(str(run_dir / "train" / "*" / "checkpoint_*" / "state.json")):
-        step = json.loads(Path(state).read_text()).get("step", 0)
+    for state in files.glob("train", "/state.json"):
+        parts = state.split("/")
+        if len(parts) != 4 or not parts[-2].startswith("checkpoint_"):  # train/<ray train run>/checkpoint_*/
+            continue
+        step = json.loads(files.read_text(state) or "{}").get("step", 0)
         if best is None or step > best[1]:
-            best = (str(Path(state).parent), step)
+            best = (files.uri(state.rsplit("/", 1)[0]), step)
     return best
 
 
@@ -158,7 +182,7 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         store = DatasetStore(str(cfg.dataset_dir), create=False)
         train_rows, _ = _split(cfg, store)
         tc, same = preflight(cfg, train_rows, rep)
-        resume = latest_checkpoint(cfg.run_dir)
+        resume = latest_checkpoint(cfg.files)
         if resume and resume[1] >= tc.max_steps:
             rep.stage(f"already trained to step {resume[1]} (training.max_steps={tc.max_steps}): nothing to do")
             return {"step": resume[1], "versions": [], "seconds": 0.0}
@@ -174,16 +198,15 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
             try:
                 ray_runtime.check_shared_state(cfg)
                 ray_runtime.check_placement([], [training_group(tc)])
-                registry = Registry(redis_url, cfg.name, cfg.run_dir)
+                registry = Registry(redis_url, cfg.name, cfg.files)
                 before = {m["version"] for m in registry.versions()}
-                ds = training_dataset(store, frac)
+                ds = training_dataset(store, frac, grounded_only(cfg))
                 rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
                           + (f", resuming from step {resume[1]}" if resume else "") + ")")
-                (cfg.run_dir / "train").mkdir(parents=True, exist_ok=True)
                 try:
-                    res = run_training(ds, cfg.student, tc, cfg.run_dir / "train", cfg.name,
+                    res = run_training(ds, cfg.student, tc, cfg.files.sub("train"), cfg.name,
                                        resume_from=resume[0] if resume else None, dataset_version=store.version,
-                                       metrics_file=str(cfg.run_dir / "train" / "metrics.jsonl"),
+                                       metrics_file=cfg.files.uri("train/metrics.jsonl"),
                                        same_tokenizer=same, registry=registry)
                 except ray.train.TrainingFailedError as e:
                     raise BackpackError(f"training failed after {tc.max_failures} restart(s): {_last_error(e)}; "
@@ -220,11 +243,10 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
     if not held:
         raise InputError(f"no held-out rows to evaluate on (eval.heldout_fraction={ec.heldout_fraction} of "
                          f"{store.read(columns=['query_id']).num_rows} rows): generate more prompts or raise it")
-    out_dir = cfg.run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = cfg.files
     key = _eval_key(cfg)
     with redis_for(cfg) as redis_url:
-        metas = {m["version"]: m for m in Registry(redis_url, cfg.name, cfg.run_dir).versions()}
+        metas = {m["version"]: m for m in Registry(redis_url, cfg.name, cfg.files).versions()}
     wanted = versions if versions is not None else sorted(metas)
     if versions is None and not ec.every_version and wanted:
         wanted = [wanted[-1]]
@@ -233,9 +255,10 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
         raise InputError(f"no student version(s) {unknown} in run {cfg.name!r} (it has {sorted(metas) or 'none'})")
     results = []
     for v in [0] + [v for v in wanted if v != 0]:
-        cache = out_dir / f"v{v}-{key}.json"
-        if cache.exists():
-            results.append(json.loads(cache.read_text()))
+        cache = f"eval/v{v}-{key}.json"
+        cached = files.read_text(cache)
+        if cached is not None:
+            results.append(json.loads(cached))
             continue
         rep.stage(f"evaluating version {v} on {len(held)} held-out prompt(s)")
         meta = metas.get(v)
@@ -243,12 +266,14 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
         m = evaluate_model(ap.model, ap.tokenizer, held, f"student-v{v}", ec.max_new_tokens, max_len,
                            top_k=cfg.training.top_k if cfg.training else 4, batch_size=ec.batch_size)
         m.update(version=v, step=meta["step"] if meta else 0)
-        cache.write_text(json.dumps(m))
+        files.write_text(cache, json.dumps(m))
         results.append(m)
-    metrics = cfg.run_dir / "train" / "metrics.jsonl"
-    training = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    report = write_report(cfg.run_dir / "report", cfg.name, results, training,
-                          {"dataset_version": store.version, "heldout_rows": len(held),
-                           "student": cfg.student.model_dump()})
+    training = [json.loads(line) for line in (files.read_text("train/metrics.jsonl") or "").splitlines()]
+    extra = {"dataset_version": store.version, "heldout_rows": len(held), "student": cfg.student.model_dump()}
+    if files.local:
+        return write_report(cfg.run_dir / "report", cfg.name, results, training, extra)
+    with tempfile.TemporaryDirectory() as d:  # written here, then copied to the object store
+        report = write_report(d, cfg.name, results, training, extra)
+        files.upload(d, "report")
     return report
 

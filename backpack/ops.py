@@ -125,16 +125,27 @@ def _require_run(cfg: RunConfig) -> None:
                          f"never run there (check storage.path and name)")
 
 
-def _last_json_line(path: Path, block: int = 65536) -> Optional[dict]:
-    """The last complete JSON line of a (possibly large, still growing) JSONL file."""
+def _tail(cfg: RunConfig, rel: str, block: int = 65536) -> tuple[bytes, Optional[float]]:
+    """The last `block` bytes of one of the run's (possibly large, still growing) files and its modification time
+    (b"", None when there is none). An object store has no seek: there the whole (small) log is read."""
+    files = cfg.files
+    if not files.local:
+        info = files.fs.get_file_info(files.path(rel))
+        data = files.read_bytes(rel) or b""
+        return data[-block:], info.mtime.timestamp() if info.mtime else None
+    path = Path(files.path(rel))
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - block))
-            tail = f.read()
+            return f.read(), path.stat().st_mtime
     except OSError:
-        return None
+        return b"", None
+
+
+def _last_json_line(tail: bytes) -> Optional[dict]:
+    """The last complete JSON line of the tail of a JSONL file."""
     for line in reversed(tail.splitlines()):
         try:
             rec = json.loads(line)
@@ -146,13 +157,13 @@ def _last_json_line(path: Path, block: int = 65536) -> Optional[dict]:
 
 
 def trainer_state(cfg: RunConfig) -> Optional[dict]:
-    """The trainer's last logged step, from `<run_dir>/train/metrics.jsonl` (None before any)."""
-    path = cfg.run_dir / "train" / "metrics.jsonl"
-    last = _last_json_line(path)
+    """The trainer's last logged step, from the run's train/metrics.jsonl (None before any)."""
+    tail, mtime = _tail(cfg, "train/metrics.jsonl")
+    last = _last_json_line(tail)
     if last is None:
         return None
     when = last.get("time")
-    out = {"step": last.get("step"), "time": when if isinstance(when, (int, float)) else path.stat().st_mtime}
+    out = {"step": last.get("step"), "time": when if isinstance(when, (int, float)) else mtime}
     for k in ("loss", "dataset_version"):
         if k in last:
             out[k] = last[k]
@@ -187,14 +198,14 @@ def status(cfg: RunConfig) -> dict:
     _require_run(cfg)
     with attach_redis(cfg) as url:
         b = backlog(url, cfg.name)
-        reg = Registry(url, cfg.name, cfg.run_dir)
+        reg = Registry(url, cfg.name, cfg.files)
         versions = [m["version"] for m in reg.versions()]
         live = reg.live()
         server = connect(url).hgetall(RunKeys(cfg.name).server)
         knowledge = MentalStore(url, cfg.name).tasks()
     return {
         "run": cfg.name,
-        "run_dir": str(cfg.run_dir),
+        "run_dir": cfg.files.uri(),
         "backlog": asdict(b),
         "dataset": dataset_state(cfg),
         "trainer": trainer_state(cfg),
@@ -249,7 +260,7 @@ def versions(cfg: RunConfig) -> dict:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.run_dir)
+        reg = Registry(url, cfg.name, cfg.files)
         metas, live = reg.versions(), reg.live()
     return {"run": cfg.name, "live": live, "versions": [{**m, "live": m.get("version") == live} for m in metas]}
 
@@ -294,7 +305,7 @@ def promote(cfg: RunConfig, version: int) -> tuple[int, Optional[int]]:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.run_dir)
+        reg = Registry(url, cfg.name, cfg.files)
         known = [m["version"] for m in reg.versions()]
         if version != 0 and version not in known:
             there = ", ".join(map(str, known)) if known else "none yet"
@@ -312,7 +323,7 @@ def rollback(cfg: RunConfig) -> tuple[int, Optional[int]]:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.run_dir)
+        reg = Registry(url, cfg.name, cfg.files)
         was = reg.live()
         try:
             return reg.rollback(by="user"), was

@@ -25,9 +25,10 @@ def print_report(config: str, overrides: list[str]) -> None:
     who cannot reach the cluster's storage."""
     from backpack.core.config import load_config
 
-    path = load_config(config, overrides, check_files=False).run_dir / "report" / "report.md"
-    if path.is_file():
-        print(f"\n----- {path} -----\n{path.read_text(encoding='utf-8')}", flush=True)
+    files = load_config(config, overrides, check_files=False).files  # a shared folder or an object store
+    text = files.read_text("report/report.md")
+    if text is not None:
+        print(f"\n----- {files.uri('report/report.md')} -----\n{text}", flush=True)
 
 
 if __name__ == "__main__":

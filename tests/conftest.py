@@ -4,14 +4,24 @@ for `ray_session`; the real default model is converted from its GGUF once and ca
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Credentials for the S3 server the storage tests start (moto accepts any): set before Ray starts, so its
+# workers see them too, as they would see a cluster's own. No metadata-service lookups for credentials.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "backpack-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "backpack-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -64,8 +74,37 @@ def redis_server(tmp_path):
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, input: str | None = None):
     """Run `python -m backpack.cli ARGS` in a subprocess (`input`: its stdin); returns CompletedProcess (text)."""
-    import subprocess
-
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "backpack.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO, input=input)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API (moto's server, a dev dependency) on 127.0.0.1 with an empty bucket; yields the bucket's URI
+    with the options pyarrow needs in its query string. Credentials: the AWS_* variables set above."""
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
+        fs.create_dir("runs-bucket")
+        yield f"s3://runs-bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+    finally:
+        server.kill()
+        server.wait()

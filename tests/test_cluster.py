@@ -1,7 +1,8 @@
 """A local multi-node Ray cluster started by the test (a head, a `teacher` node and a `teacher` + `trainer`
 node, each its own `ray start`), a standalone Redis server, and Backpack run against them the way a cluster user
 runs it: the embedded Redis refused, a Ray Job that distils end to end with every actor on the node its role
-asks for, and a node hosting a teacher replica killed mid-run without losing a prompt."""
+asks for and every file in an object store, and a node hosting a teacher replica killed mid-run without losing a
+prompt."""
 
 import json
 import subprocess
@@ -15,6 +16,7 @@ import yaml
 
 from backpack.runtime.local_cluster import LocalCluster
 from backpack.runtime.redis_server import EmbeddedRedis
+from backpack.runtime.storage import RunFiles, join_uri
 from conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.integration
@@ -77,8 +79,12 @@ def test_embedded_redis_and_local_storage_are_refused(cluster, tmp_path, tiny_mo
     assert "Traceback" not in out
 
 
-def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, tmp_path, tiny_model_dir):
+def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, tmp_path, tiny_model_dir, s3):
+    # the run's files in an object store (an S3 API every node reaches), not in a shared folder
     config = run_config(tmp_path, "job", redis_url, tiny_model_dir)
+    data = yaml.safe_load(open(config))
+    data["storage"] = {"path": s3, "local_path": str(tmp_path / "work")}
+    open(config, "w").write(yaml.safe_dump(data))
     job_id = f"backpack-cluster-{time.monotonic_ns()}"
     submit = subprocess.run([str(cluster.ray), "job", "submit", "--address", cluster.dashboard_url,
                              "--working-dir", str(REPO), "--no-wait", "--submission-id", job_id,
@@ -98,8 +104,11 @@ def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, t
     assert status == "SUCCEEDED", logs[-3000:]
     assert "NLL/token" in logs and "report:" in logs
     assert "# Backpack report: job" in logs and "## Samples" in logs  # the report itself, from the job's log
-    report = json.loads((tmp_path / "runs" / "job" / "report" / "report.json").read_text())
+    files = RunFiles(join_uri(s3, "job"))
+    report = json.loads(files.read_text("report/report.json"))
     assert [v["version"] for v in report["versions"]] == [0, 1]
+    assert files.exists("students/v1/trainable.safetensors") and files.glob("train", "/state.json")
+    assert not (tmp_path / "runs").exists()  # nothing went to a node-local folder
 
     nodes = {n["node_id"]: n for n in cluster.nodes()}
     teacher_nodes = {i for i, n in nodes.items() if n["resources"].get("teacher")}

@@ -72,8 +72,14 @@ def test_placement_and_resources_are_checked(tmp_path):
     assert "teachers.2.placement" in text and "sideways" in text
     assert "training.resources_per_worker: resource 'trainer': amount must be >= 0" in text
     assert "training.placement" in text and "everywhere" in text
-    probs = problems_of(lambda: validate_config(minimal(tmp_path, storage={"path": "s3://bucket/runs"})))
-    assert probs[0].startswith("storage.path: object-store URIs are not supported for a whole run yet")
+    probs = problems_of(lambda: validate_config(minimal(tmp_path, storage={"path": "s3://?region=x"})))
+    assert probs[0].startswith("storage.path: 's3://?region=x' names no bucket or folder after s3://")
+    remote = validate_config(minimal(tmp_path, name="r", storage={"path": "s3://bucket/runs?scheme=http",
+                                                                  "local_path": str(tmp_path / "work")}))
+    assert remote.storage.remote and remote.files.uri("dataset") == "s3://bucket/runs/r/dataset?scheme=http"
+    assert remote.dataset_dir == remote.files.uri("dataset") and remote.run_dir.parent == tmp_path / "work"
+    local = validate_config(minimal(tmp_path, name="l", storage={"path": f"file://{tmp_path}/runs"}))
+    assert not local.storage.remote and local.run_dir == tmp_path / "runs" / "l"
     cfg = validate_config(minimal(tmp_path, teachers=[{"name": "a", "resources": {"teacher": 1}, "placement": "spread",
                                                        "num_gpus": 0.5}]))
     assert cfg.teachers[0].bundle() == {"CPU": 1.0, "GPU": 0.5, "teacher": 1.0}

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from backpack.core.config import validate_config
+from backpack.core.grounding import grounding, keep_for_training
 from backpack.core.recall import with_context
 from backpack.core.schema import DATASET_SCHEMA
 from backpack.data.store import DatasetStore
@@ -126,6 +127,34 @@ def test_fact_scoring_normalises_case_punctuation_and_thousands():
     assert not fact_found("it takes 145 days", ("45 days",))  # word boundaries: no partial numbers
     assert score("Ingrid founded it in 1987.", (("1987",), ("Ingrid Malvik", "Malvik"))) == 0.5
     assert score("nothing", (("1987",),)) == 0.0
+
+
+def test_grounding_flags_claims_the_context_does_not_make():
+    ctx = "The Skerry 7 costs 1490 euros and weighs 11.8 kg. It was designed by Ingrid Malvik in Varnholm."
+    assert grounding("The Skerry 7 costs 1,490 euros.", ctx).grounded       # thousands separator
+    g = grounding("It costs 1,290 euros and weighs 11.8 kg.", ctx)            # an invented price
+    assert not g.grounded and g.unsupported == ("1290",) and g.supported == 1
+    g = grounding("Yes. It was designed by Albrecht in Varnholm.", ctx)       # an invented name
+    assert not g.grounded and g.unsupported == ("albrecht",)
+    # sentence-initial capitals and "I" are no claims; an answer with no claim at all teaches nothing
+    assert not grounding("Sure, I can help. Ask me anything.", ctx).grounded
+    assert grounding("Sure! It weighs 11.8 kg.", ctx).grounded
+    assert keep_for_training("Anything at all 42.", None) and keep_for_training("Anything at all 42.", "")
+
+
+def test_grounded_only_training_rows_drop_ungrounded_answers_with_context():
+    from backpack.distill import training_rows
+
+    rows = [{"query_id": "a", "status": "ok", "text": "It costs 385 euros.", "context": "Kestrel: 385 euros."},
+            {"query_id": "b", "status": "ok", "text": "It costs 999 euros.", "context": "Kestrel: 385 euros."},
+            {"query_id": "c", "status": "ok", "text": "No context, no check 7.", "context": None},
+            {"query_id": "d", "status": "error", "text": None, "context": "Kestrel: 385 euros."}]
+    table = pa.Table.from_pylist(rows)
+    assert training_rows(table, 0.0).column("query_id").to_pylist() == ["a", "b", "c"]
+    assert training_rows(table, 0.0, grounded_only=True).column("query_id").to_pylist() == ["a", "c"]
+    bad = {"name": "x", "teachers": [{"name": "t", "model": "m"}], "mental": {"train_on": "faithful"}}
+    with pytest.raises(ConfigError, match="train_on"):
+        validate_config(bad)
 
 
 def test_questions_file_problems_are_listed(tmp_path):

@@ -53,20 +53,32 @@ class RedisConfig(_Section):
 
 
 class StorageConfig(_Section):
-    path: str = "runs"                 # root folder; the run writes under <path>/<name>/
-    # The path is a mount every node of a multi-node cluster sees at the same place (NFS, or nodes on one
-    # machine). A multi-node run refuses a local path without it: each node would write its own copy.
+    # Root of the run's files (it writes under <path>/<name>/): a local folder, or any pyarrow.fs URI such as
+    # s3://bucket/prefix or gs://bucket/prefix (S3 options in the query string, credentials from the environment).
+    path: str = "runs"
+    # The folder is a mount every node of a multi-node cluster sees at the same place (NFS, or nodes on one
+    # machine). A multi-node run refuses a local folder without it: each node would write its own copy. An
+    # object-store URI is shared by nature.
     shared: bool = False
+    # Folder on this machine for what cannot live in an object store: the run lock, the embedded Redis's files,
+    # caches. Only used when path is a URI; null: ~/.cache/backpack/work.
+    local_path: Optional[str] = None
 
     @field_validator("path")
     @classmethod
-    def _folder(cls, v):
-        # Checkpoints, student versions and reports are still written with local file APIs: a URI would become
-        # a folder named "s3:" on each node, which is the node-local accident this refusal prevents.
+    def _location(cls, v):
         if "://" in v:
-            raise ValueError(f"object-store URIs are not supported for a whole run yet (got {v!r}): use a folder "
-                             "every node mounts (NFS, a cloud file share) and set storage.shared: true")
+            scheme = v.split("://", 1)[0]
+            if not scheme or not scheme.replace("+", "").isalnum():
+                raise ValueError(f"{v!r} is not a folder nor a URI (scheme://bucket/prefix)")
+            if not v.split("://", 1)[1].split("?", 1)[0].strip("/"):
+                raise ValueError(f"{v!r} names no bucket or folder after {scheme}://")
         return v
+
+    @property
+    def remote(self) -> bool:
+        """The files live in an object store or another non-local filesystem (a URI other than file://)."""
+        return "://" in self.path and not self.path.startswith("file://")
 
 
 class TeacherConfig(_Section):
@@ -176,12 +188,31 @@ class RunConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        """Absolute: actors and Ray Train workers do not share the driver's working directory."""
+        """The run's folder on this machine (absolute: actors and Ray Train workers do not share the driver's
+        working directory). With a local storage.path it holds every file of the run; with a URI only the lock,
+        the embedded Redis and caches (under storage.local_path), the rest being in `files`."""
+        if self.storage.remote:
+            from hashlib import sha256
+
+            local = self.storage.local_path or Path.home() / ".cache" / "backpack" / "work"
+            key = sha256(self.storage.path.encode()).hexdigest()[:12]
+            return Path(local).expanduser().absolute() / f"{self.name}-{key}"
+        if self.storage.path.startswith("file://"):
+            return Path(self.storage.path[len("file://"):]).expanduser().absolute() / self.name
         return Path(self.storage.path).expanduser().absolute() / self.name
 
     @property
-    def dataset_dir(self) -> Path:
-        return self.run_dir / "dataset"
+    def files(self):
+        """RunFiles of the run's durable files: `run_dir` itself for a local storage.path, else
+        <storage.path>/<name> on its filesystem."""
+        from backpack.runtime.storage import RunFiles, join_uri
+
+        return RunFiles(join_uri(self.storage.path, self.name) if self.storage.remote else self.run_dir)
+
+    @property
+    def dataset_dir(self) -> Path | str:
+        """The DatasetStore's root: a local folder, or a URI when storage.path is one."""
+        return self.files.uri("dataset") if self.storage.remote else self.run_dir / "dataset"
 
 
 # ---------------------------------------------------------------- loading
@@ -416,6 +447,9 @@ class MentalConfig(_Section):
     max_items: int = Field(4, ge=0, le=64)      # most passages + experiences recalled per prompt
     # Serve the student with recall too (a retrieval-augmented student, for comparison with the distilled one).
     student_recall: bool = False
+    # Which answers made with recall the student trains on: all, or grounded (only those whose numbers and names
+    # all occur in the recalled context: backpack/core/grounding.py). Rows made without context are always kept.
+    train_on: Literal["all", "grounded"] = "all"
 
 
 RunConfig.model_rebuild()

@@ -117,7 +117,8 @@ def placement_problems(demands: list[Demand], nodes: list[dict[str, float]],
 
 def multi_node_problems(redis_url: str | None, storage_path: str, storage_shared: bool, nodes: int) -> list[str]:
     """What a run on a cluster of `nodes` live nodes cannot do with this Redis and storage: state every node
-    must reach cannot live on the driver's machine alone. [] on one node or when both are shared."""
+    must reach cannot live on the driver's machine alone. [] on one node or when both are shared (an object-store
+    storage path counts as shared)."""
     if nodes <= 1:
         return []
     problems = []

@@ -13,6 +13,7 @@ per dataset at a time (the run's scheduler); any number of readers.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections import Counter
 from typing import Optional
@@ -57,11 +58,17 @@ class DatasetStore:
     # ------------------------------------------------------------ manifest
 
     def manifest(self) -> Manifest:
-        try:
-            with self.fs.open_input_stream(self._p(MANIFEST)) as f:
-                return Manifest.from_json(f.read().decode("utf-8"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"corrupt manifest at {self._p(MANIFEST)!r}: {e}") from None
+        # An object store's input stream reads in ranges: a read that overlaps the writer replacing the manifest
+        # can mix the old and new object. Such a read does not parse; reading again gets one whole version.
+        attempts = 1 if self._local else 4
+        for attempt in range(attempts):
+            try:
+                with self.fs.open_input_stream(self._p(MANIFEST)) as f:
+                    return Manifest.from_json(f.read().decode("utf-8"))
+            except (ValueError, KeyError, TypeError) as e:
+                if attempt + 1 == attempts:
+                    raise DatasetError(f"corrupt manifest at {self._p(MANIFEST)!r}: {e}") from None
+                time.sleep(0.25 * (attempt + 1))
 
     @property
     def version(self) -> int:

@@ -70,7 +70,7 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
             raise InputError(f"questions name task(s) {missing} that have no knowledge (the store has "
                              f"{sorted(known)})")
         recalled = {q.id: recaller.recall(q.task, q.question, known) for q in questions}
-        metas = {m["version"]: m for m in Registry(url, cfg.name, cfg.run_dir).versions()}
+        metas = {m["version"]: m for m in Registry(url, cfg.name, cfg.files).versions()}
     contexts = {qid: r.context for qid, (r, _) in recalled.items()}
     if version is None:
         version = max(metas) if metas else None
@@ -114,10 +114,9 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
                      "recalled": recalled[q.id][0].ids,
                      **{k: v[i] for k, v in answers.items()}} for i, q in enumerate(questions)],
     }
-    path = cfg.run_dir / "eval" / f"facts-{Path(questions_path).stem}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, ensure_ascii=False))
-    out["path"] = str(path)
+    rel = f"eval/facts-{Path(questions_path).stem}.json"
+    cfg.files.write_text(rel, json.dumps(out, indent=1, ensure_ascii=False))
+    out["path"] = cfg.files.uri(rel)
     return out
 
 

@@ -72,7 +72,8 @@ def check_shared_state(cfg) -> None:
     ConfigError naming the fields, before anything is spawned."""
     from backpack.errors import ConfigError
 
-    problems = multi_node_problems(cfg.redis.url, cfg.storage.path, cfg.storage.shared, len(cluster_nodes()))
+    shared = cfg.storage.shared or cfg.storage.remote  # an object store is reachable from every node
+    problems = multi_node_problems(cfg.redis.url, cfg.storage.path, shared, len(cluster_nodes()))
     if problems:
         raise ConfigError("for this cluster", problems)
 

@@ -95,16 +95,21 @@ def worker_slice(rows: list, rank: int, world: int) -> list:
     return rows[rank::world]
 
 
-def freshness_path(metrics_file: str | os.PathLike) -> Path:
-    """Where the per-step freshness log of a continual run with this metrics file is written."""
-    return Path(metrics_file).parent / FRESHNESS_LOG
+def freshness_path(metrics_file: str | os.PathLike) -> Path | str:
+    """Where the per-step freshness log of a continual run with this metrics file is written (a URI when the
+    metrics file is one)."""
+    from backpack.runtime.storage import is_uri, sibling
+
+    where = sibling(metrics_file, FRESHNESS_LOG)
+    return where if is_uri(where) else Path(where)
 
 
 class _Examples:
     """The store's usable training examples per dataset version, each shard read and tokenised once."""
 
-    def __init__(self, store_uri: str, heldout_fraction: float, session: WorkerSession):
+    def __init__(self, store_uri: str, heldout_fraction: float, session: WorkerSession, grounded_only: bool = False):
         self.uri, self.fraction, self.session = store_uri, heldout_fraction, session
+        self.grounded_only = grounded_only
         self.store = None
         self.by_version: dict[int, list] = {}
 
@@ -131,7 +136,7 @@ class _Examples:
             if entry.version > lo and entry.version not in self.by_version:
                 table = pq.read_table(self.store.shard_paths([entry])[0], filesystem=self.store.fs)
                 self.by_version[entry.version] = self.session.examples(
-                    training_rows(table, self.fraction).to_pylist())
+                    training_rows(table, self.fraction, self.grounded_only).to_pylist())
         return [(v, ex) for v in range(lo + 1, hi + 1) for ex in self.by_version.get(v, [])]
 
 
@@ -180,7 +185,8 @@ class _ContinualLoop:
         self.s = WorkerSession(config, schedule="constant")
         self.cc = ContinualConfig(**config["continual"])
         self.config = config
-        self.data = _Examples(config["store_uri"], config["heldout_fraction"], self.s)
+        self.data = _Examples(config["store_uri"], config["heldout_fraction"], self.s,
+                              config.get("grounded_only", False))
         self.control = _Control(config.get("redis_url"), config["run"], self.s.rank, self.s.world)
         state = self.s.state or {}
         self.seen = int(state.get("dataset_version") or 0)
@@ -269,12 +275,13 @@ class _ContinualLoop:
         return False
 
     def _log_step(self, versions: list[int], new_rows: int, replay_rows: int) -> None:
+        from backpack.runtime.storage import append_text
+
         if self.freshness is None:
             return
         line = {"step": self.s.step, "time": time.time(), "new_versions": versions, "new_rows": new_rows,
                 "replay_rows": replay_rows, "dataset_version": self.seen}
-        with open(self.freshness, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_text(self.freshness, json.dumps(line) + "\n")
 
     def _metrics(self) -> dict:
         """The window's metrics, or the last ones when no step was made since (an idle publish or stop)."""
@@ -309,19 +316,21 @@ def _absolute(path: Optional[str | os.PathLike]) -> Optional[str]:
 
 
 def run_continual_training(store_uri: str | os.PathLike, student: StudentConfig, training: TrainingConfig,
-                           continual: ContinualConfig, storage: str | os.PathLike, name: str,
+                           continual: ContinualConfig, storage, name: str,
                            redis_url: Optional[str], run: str, heldout_fraction: float,
                            resume_from: Optional[str] = None, metrics_file: Optional[str] = None,
-                           same_tokenizer: bool = True, registry=None,
+                           same_tokenizer: bool = True, registry=None, grounded_only: bool = False,
                            test_hooks: Optional[dict] = None) -> TrainResult:
     """Train the student on the DatasetStore at `store_uri` as shards land, until the stop flag of run `run`
     is set in the Redis at `redis_url` (None: no stop flag; the run then ends only when killed). Blocks; each
-    call is a new Ray Train run under `storage`. `resume_from` (a checkpoint directory of an earlier run,
-    continual or batch) continues its step count and skips the dataset versions it trained on. Rows held out
-    by `heldout_fraction` are never trained on. Returns the final checkpoint and step."""
+    call is a new Ray Train run under `storage` (a folder, a URI or a RunFiles). `resume_from` (a checkpoint of
+    an earlier run, continual or batch; a folder or a URI) continues its step count and skips the dataset
+    versions it trained on. Rows held out by `heldout_fraction` are never trained on, nor, with `grounded_only`,
+    answers not grounded in their recalled context. Returns the final checkpoint and step."""
     config = {"student": student.model_dump(), "training": training.model_dump(),
               "continual": continual.model_dump(), "store_uri": _absolute(store_uri),
               "heldout_fraction": heldout_fraction, "redis_url": redis_url, "run": run,
               "resume_from": _absolute(resume_from), "metrics_file": _absolute(metrics_file),
-              "same_tokenizer": same_tokenizer, "registry": registry, **(test_hooks or {})}
+              "same_tokenizer": same_tokenizer, "registry": registry, "grounded_only": grounded_only,
+              **(test_hooks or {})}
     return fit_workers(continual_loop_per_worker, config, training, storage, name)

@@ -1,7 +1,8 @@
 """Registry: student versions of a run.
 
 Each published checkpoint becomes version N (1, 2, ...; version 0 is the untrained base): its files are copied
-to `<run_dir>/students/v<N>/` (trainable weights as safetensors + state.json), its metadata (version, step,
+to `<run files>/students/v<N>/` (trainable weights as safetensors + state.json; a local folder or an object
+store, see backpack.runtime.storage), its metadata (version, step,
 dataset version, metrics, base and tokenizer fingerprints) goes to a Redis hash, and an event is appended to the
 run's Redis stream `backpack:<run>:events`, which later services (server, continual evaluator) follow.
 """
@@ -9,38 +10,37 @@ run's Redis stream `backpack:<run>:events`, which later services (server, contin
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from backpack.runtime.redis_server import RunRedis
+from backpack.runtime.storage import RunFiles, local_folder
 from backpack.student import checkpoints
 
 
 class Registry(RunRedis):
     """Picklable (it connects lazily), so a Ray Train worker can publish versions as checkpoints are made."""
 
-    def __init__(self, redis_url: str, run: str, run_dir: str | Path):
+    def __init__(self, redis_url: str, run: str, run_files: RunFiles | str | Path):
         super().__init__(redis_url, run)
-        self.root = Path(run_dir) / "students"
+        self.files = (run_files if isinstance(run_files, RunFiles) else RunFiles(run_files)).sub("students")
 
     def publish(self, checkpoint_dir: str | Path, state: dict, base_fingerprint: str = "",
                 tokenizer_fingerprint: str = "") -> int:
-        """Copy a checkpoint's weights in as a new version; record it in Redis; emit an event."""
+        """Copy a checkpoint's weights in as a new version; record it in Redis; emit an event. The version is
+        visible (Redis) only after its files are written; a number is never reused, so a publish that died half
+        way leaves an unlisted folder, never a listed half version."""
         version = int(self.client.incr(self.keys("students", "next")))
-        target = self.root / f"v{version}"
-        tmp = self.root / f".v{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        target = f"v{version}"
         for name in (checkpoints.WEIGHTS, checkpoints.STATE):
-            shutil.copy2(Path(checkpoint_dir) / name, tmp / name)
+            self.files.write_bytes(f"{target}/{name}", (Path(checkpoint_dir) / name).read_bytes())
         meta = {"version": version, "step": state.get("step"), "dataset_version": state.get("dataset_version"),
                 "metrics": {k: v for k, v in state.items() if isinstance(v, (int, float))},
                 "student": state.get("student"), "base_fingerprint": base_fingerprint,
-                "tokenizer_fingerprint": tokenizer_fingerprint, "path": str(target), "created_at": time.time()}
-        (tmp / "version.json").write_text(json.dumps(meta, indent=1))
-        tmp.rename(target)  # the version's files are complete before anyone can see it
+                "tokenizer_fingerprint": tokenizer_fingerprint, "path": self.files.uri(target),
+                "created_at": time.time()}
+        self.files.write_text(f"{target}/version.json", json.dumps(meta, indent=1))
         self.client.hset(self.keys("students", f"v{version}"), mapping={"meta": json.dumps(meta)})
         self.client.xadd(self.keys("events"), {"type": "student_version", "version": version,
                                                "step": str(state.get("step"))})
@@ -127,7 +127,7 @@ def load_version(meta: Optional[dict], student_cfg=None, merge: bool = False, de
         raise ValueError("load_version needs a version's metadata or a student config")
     ap = load_student(cfg, device=device)
     if meta is not None:
-        checkpoints.load_weights(meta["path"], ap.model)
+        checkpoints.load_weights(local_folder(meta["path"]), ap.model)  # a URI: downloaded once, then cached
     if merge and cfg.mode == "lora":
         ap.model = ap.model.merge_and_unload()
     ap.model.eval()

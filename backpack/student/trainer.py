@@ -74,6 +74,7 @@ class WorkerSession:
         import torch
 
         from backpack.runtime.allocator import loaded_allocator
+        from backpack.runtime.storage import local_folder
         from backpack.student import checkpoints
         from backpack.student.autopilot import load_student
 
@@ -95,8 +96,8 @@ class WorkerSession:
         if restored is not None:
             with restored.as_directory() as d:
                 self.state = checkpoints.load(d, self.model, self.opt, self.sched)
-        elif config.get("resume_from"):
-            self.state = checkpoints.load(config["resume_from"], self.model, self.opt, self.sched)
+        elif config.get("resume_from"):  # a local folder or a URI (downloaded once)
+            self.state = checkpoints.load(local_folder(config["resume_from"]), self.model, self.opt, self.sched)
         else:
             self.state = None
         self.step = self.state["step"] if self.state else 0
@@ -174,13 +175,13 @@ class WorkerSession:
         registry, publish it as a student version. Every worker must call this at the same step."""
         import ray.train
 
+        from backpack.runtime.storage import append_text
         from backpack.student import checkpoints
 
         self.last_metrics = metrics
         config = self.config
-        if self.rank == 0 and config.get("metrics_file"):
-            with open(config["metrics_file"], "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+        if self.rank == 0 and config.get("metrics_file"):  # a local path or a URI
+            append_text(config["metrics_file"], json.dumps(metrics) + "\n")
         if checkpoint_state is None:
             ray.train.report(metrics)
             return
@@ -233,15 +234,25 @@ class TrainResult:
     seconds: float
 
 
-def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingConfig, storage: str | os.PathLike,
+def _checkpoint_location(files, path: str) -> str:
+    """A checkpoint Ray Train reports (a path inside the storage filesystem) as a local path or a URI."""
+    base = files.path()
+    return files.uri(path[len(base):]) if path.startswith(base) else path
+
+
+def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingConfig, storage,
                 name: str, datasets: Optional[dict] = None) -> TrainResult:
     """Run `loop(config)` on `training.num_workers` Ray Train workers (fractional CPUs each, the allocator
-    env of training.allocator) as a new Ray Train run with a unique name under `storage`, restarting the
-    worker group from its last checkpoint up to training.max_failures times."""
+    env of training.allocator) as a new Ray Train run with a unique name under `storage` (a local folder, a URI
+    or a RunFiles), restarting the worker group from its last checkpoint up to training.max_failures times."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from backpack.runtime.storage import RunFiles
+
     t0 = time.perf_counter()
+    files = storage if isinstance(storage, RunFiles) else RunFiles(storage)
+    files.fs.create_dir(files.path(), recursive=True)
     env = worker_env(training.allocator)  # before Ray Train starts: a missing tcmalloc is a clear error
     trainer = TorchTrainer(
         loop,
@@ -252,14 +263,15 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
                                                placement_strategy=training.placement.upper()),
         run_config=ray.train.RunConfig(
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=str(Path(storage).resolve()),
+            storage_path=files.path(),
+            storage_filesystem=None if files.local else files.fs,
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": env}),
         datasets=datasets,
     )
     result = trainer.fit()
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = result.checkpoint and _checkpoint_location(files, result.checkpoint.path)
     return TrainResult(ckpt, int((result.metrics or {}).get("step", 0)), dict(result.metrics or {}),
                        time.perf_counter() - t0)
 

@@ -1,0 +1,94 @@
+"""A run whose storage.path is an object store: RunFiles against a real S3 API (moto's server on 127.0.0.1),
+then a whole tiny distillation, its resume and `backpack status` with every durable file in the bucket."""
+
+import json
+
+import pytest
+
+from backpack.core.config import validate_config
+from backpack.distill import evaluate, latest_checkpoint, train
+from backpack.pipeline import generate
+from backpack.runtime.storage import RunFiles, join_uri, local_folder, sibling
+
+from conftest import EXAMPLES, run_cli
+
+
+def test_uri_paths_keep_their_options():
+    uri = "s3://b/runs?endpoint_override=h:9&scheme=http"
+    assert join_uri(uri, "r", "/dataset/") == "s3://b/runs/r/dataset?endpoint_override=h:9&scheme=http"
+    assert sibling(join_uri(uri, "train/metrics.jsonl"), "freshness.jsonl") == \
+        "s3://b/runs/train/freshness.jsonl?endpoint_override=h:9&scheme=http"
+    assert join_uri("/data/runs", "r", "dataset") == "/data/runs/r/dataset"
+    assert sibling("/data/runs/train/metrics.jsonl", "f.jsonl") == "/data/runs/train/f.jsonl"
+
+
+def test_run_files_on_s3(s3, tmp_path, monkeypatch):
+    files = RunFiles(join_uri(s3, "unit"))
+    assert not files.local and not files.exists("a.txt") and files.read_text("a.txt") is None
+    files.write_text("a/b.txt", "one")
+    files.append_text("logs/m.jsonl", "1\n")
+    files.append_text("logs/m.jsonl", "2\n")  # no append on S3: read and rewritten
+    assert files.read_text("a/b.txt") == "one" and files.read_text("logs/m.jsonl") == "1\n2\n"
+    (tmp_path / "src" / "deep").mkdir(parents=True)
+    (tmp_path / "src" / "w.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "src" / "deep" / "s.json").write_text("{}")
+    files.upload(tmp_path / "src", "ckpt/v1")
+    assert files.glob("ckpt", ".json") == ["ckpt/v1/deep/s.json"] and files.exists("ckpt/v1/w.bin")
+    monkeypatch.setenv("BACKPACK_CACHE", str(tmp_path / "cache"))
+    got = local_folder(files.uri("ckpt/v1"))
+    assert (got / "w.bin").read_bytes() == b"\x00\x01" and (got / "deep" / "s.json").read_text() == "{}"
+    assert local_folder(files.uri("ckpt/v1")) == got  # downloaded once, then the cached copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(files)).read_text("a/b.txt") == "one"  # travels to actors and workers
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        local_folder(files.uri("ckpt/v9"))
+
+
+@pytest.mark.integration
+def test_distillation_with_its_files_in_an_object_store(ray_session, smol_dir, tiny_model_dir, tmp_path, s3,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (a folder named "s3:" was the bug)
+    monkeypatch.setenv("BACKPACK_CACHE", str(tmp_path / "cache"))
+    data = {
+        "name": "objs", "storage": {"path": s3, "local_path": str(tmp_path / "work")},
+        "teachers": [{"name": "smol", "replicas": 1, "batch_size": 6, "threads": 2, "num_cpus": 1}],
+        "prompts": {"path": str(EXAMPLES / "prompts.jsonl"), "limit": 12},
+        "decoding": {"max_new_tokens": 8, "logprobs": 2},
+        "student": {"base": tiny_model_dir, "mode": "full"},
+        "training": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 4, "max_steps": 2, "checkpoint_every": 2,
+                     "log_every": 1, "lr": 1e-3, "top_k": 2},
+        "eval": {"heldout_fraction": 0.3, "max_rows": 3, "max_new_tokens": 6},
+    }
+    cfg = validate_config(data)
+    assert generate(cfg).ok_rows == 12
+    assert train(cfg)["versions"] == [1]
+    report = evaluate(cfg)
+    assert [v["version"] for v in report["versions"]] == [0, 1]
+
+    files = RunFiles(join_uri(s3, "objs"))
+    assert files.exists("dataset/manifest.json") and files.glob("dataset/shards", ".parquet")
+    ckpt = latest_checkpoint(files)
+    assert ckpt is not None and ckpt[1] == 2 and ckpt[0].startswith("s3://runs-bucket/runs/objs/train/")
+    assert files.exists("students/v1/trainable.safetensors")
+    meta = json.loads(files.read_text("students/v1/version.json"))
+    assert meta["path"] == files.uri("students/v1")
+    assert [json.loads(x)["step"] for x in files.read_text("train/metrics.jsonl").splitlines()] == [1, 2]
+    assert "| 1 | 2 |" in files.read_text("report/report.md") and files.exists("report/report.png")
+    assert files.glob("eval", ".json")  # the per-version evaluations, reused by a rerun
+    # this machine holds only what cannot live in a bucket: the lock and the embedded Redis's files
+    assert list(tmp_path.glob("s3*")) == [] and not (tmp_path / "runs").exists()
+    assert {p.name for p in cfg.run_dir.iterdir()} <= {".lock", "redis"}
+
+    # a higher budget resumes from the checkpoint in the bucket (downloaded by the worker)
+    more = train(cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": 4,
+                                                                                    "checkpoint_every": 4})}))
+    assert more["step"] == 4 and more["versions"] == [2]
+    assert latest_checkpoint(files)[1] == 4
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(data))
+    status = run_cli("status", str(cfg_file), "--json")
+    assert status.returncode == 0, status.stderr
+    s = json.loads(status.stdout)
+    assert s["run_dir"] == files.uri() and s["trainer"]["step"] == 4 and s["dataset"]["rows"] == 12
