@@ -40,6 +40,8 @@ from backpack.runtime.redis_server import RunKeys, connect
 WATCH_S = 1.0           # how often the driver looks at its parts
 RESPAWN_TIMEOUT_S = 300.0  # a respawned teacher replica that is not ready by then is given up and tried again
 MAX_TRAINER_RESTARTS = 5  # past this many trainer failures the run stops with the last error
+TRAINER_STOP_S = 600.0    # at most this long for the trainer to write its last checkpoint after the stop flag
+TRAINER_EXIT_S = 90.0     # and, once that checkpoint is written, this long for Ray Train to end the run
 
 
 @dataclass
@@ -343,6 +345,7 @@ class ContinualRun:
 
         if not ray.is_initialized():
             return
+        before = self._checkpoints()
         try:
             self.redis.set(self.keys.stop, "1")
         except Exception:  # Redis gone: the parts are stopped below anyway
@@ -357,13 +360,7 @@ class ContinualRun:
                 self.rep.stage(f"the scheduler did not stop cleanly ({type(e).__name__}); unstored prompts stay "
                                "in the intake for the next run")
         if self.trainer is not None:
-            try:
-                res = ray.get(self.trainer, timeout=600)
-                self.result.step = res.step
-                self.rep.stage(f"trainer stopped at step {res.step} (checkpoint {res.checkpoint})")
-            except Exception as e:
-                self.rep.stage(f"the trainer did not stop cleanly ({type(e).__name__}); the next run resumes from "
-                               "its last checkpoint")
+            self._stop_trainer(before)
         if self.server is not None:
             try:
                 ray.get(self.server.stop.remote(), timeout=30)
@@ -381,6 +378,43 @@ class ContinualRun:
                 ray.kill(actor)
         if self.pool is not None:
             self.pool.shutdown()
+
+
+    def _checkpoints(self) -> Optional[set]:
+        """The Ray Train checkpoints of the run (their state files); None if the storage cannot be read."""
+        try:
+            return set(self.cfg.files.glob("train", "/state.json"))
+        except Exception:
+            return None
+
+    def _stop_trainer(self, before: Optional[set]) -> None:
+        """Wait for the trainer to write its last checkpoint and return. Once that checkpoint exists, Ray Train
+        gets TRAINER_EXIT_S to end its run; past that the task is cancelled (nothing is lost: the checkpoint is
+        what the next run resumes from) rather than letting a stuck shutdown hold the driver."""
+        import ray
+
+        deadline, written_at = time.monotonic() + TRAINER_STOP_S, None
+        while time.monotonic() < deadline:
+            done, _ = ray.wait([self.trainer], timeout=2.0)
+            if done:
+                try:
+                    res = ray.get(self.trainer)
+                    self.result.step = res.step
+                    self.rep.stage(f"trainer stopped at step {res.step} (checkpoint {res.checkpoint})")
+                except Exception as e:
+                    self.rep.stage(f"the trainer did not stop cleanly ({type(e).__name__}); the next run resumes "
+                                   "from its last checkpoint")
+                return
+            if written_at is None and before is not None and (self._checkpoints() or before) - before:
+                written_at = time.monotonic()  # the stop's checkpoint: the trainer's work is safe
+            if written_at is not None and time.monotonic() - written_at > TRAINER_EXIT_S:
+                break
+        from backpack.distill import latest_checkpoint
+
+        ray.cancel(self.trainer, force=True)
+        last = latest_checkpoint(self.cfg.files)
+        self.rep.stage(f"the trainer did not return {'after writing its last checkpoint' if written_at else 'in time'}"
+                       f"; stopped it. The next run resumes from {f'step {last[1]}' if last else 'the start'}")
 
 
 class _GateThread:

@@ -255,3 +255,35 @@ def _status(path) -> dict:
 
     proc = run_cli("status", str(path), "--json")
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def test_a_trainer_stuck_after_its_last_checkpoint_does_not_hold_the_driver(ray_session, tmp_path, monkeypatch):
+    """Ray Train has been seen not to return after the worker wrote the stop's checkpoint: the driver waits a
+    grace period once that checkpoint exists, then cancels the task and says where the next run resumes."""
+    import types
+
+    import ray
+
+    import backpack.continual as continual
+    from backpack.runtime.storage import RunFiles
+
+    def stuck():  # defined here: Ray ships it by value (the test module is not importable in its workers)
+        time.sleep(3600)
+
+    monkeypatch.setattr(continual, "TRAINER_EXIT_S", 1.0)
+    files = RunFiles(tmp_path)
+    files.write_text("train/old/checkpoint_1/state.json", json.dumps({"step": 3}))
+    said = []
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(files=files), result=types.SimpleNamespace(step=0),
+                                rep=types.SimpleNamespace(stage=said.append),
+                                trainer=ray.remote(num_cpus=0)(stuck).remote())
+    run._checkpoints = types.MethodType(ContinualRun._checkpoints, run)
+    before = run._checkpoints()
+    files.write_text("train/old/checkpoint_2/state.json", json.dumps({"step": 5}))  # the stop's checkpoint
+    t0 = time.monotonic()
+    ContinualRun._stop_trainer(run, before)
+    assert time.monotonic() - t0 < 30
+    assert said == ["the trainer did not return after writing its last checkpoint; stopped it. The next run "
+                    "resumes from step 5"]
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(run.trainer, timeout=30)
