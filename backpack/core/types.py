@@ -88,6 +88,8 @@ class Completion:
     token_logprobs: list[float] = field(default_factory=list)
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
+    # tokens generated, when the teacher reports it without token ids (a remote endpoint); else len(token_ids)
+    completion_tokens: Optional[int] = None
 
     @classmethod
     def failed(cls, query_id: str, teacher: str, error: str, replica: str = "") -> "Completion":

@@ -50,6 +50,7 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
     from backpack.mental.setup import prepare_recall
     from backpack.pipeline import Reporter, attach_redis
     from backpack.student.registry import Registry, load_version
+    from backpack.teachers.base import build_teacher
     from backpack.teachers.hf import HFTeacher
 
     require_sections(cfg, "student")
@@ -87,7 +88,8 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
     base = load_version(None, cfg.student, merge=True)
     run("base", HFTeacher.from_model("base", base.model, base.tokenizer, fingerprint="base", batch_size=batch), None)
     del base
-    teacher = HFTeacher(cfg.teachers[0].model_copy(update={"batch_size": batch, "threads": os.cpu_count() or 1}))
+    teacher = build_teacher(cfg.teachers[0].model_copy(update={"batch_size": batch,
+                                                                "threads": os.cpu_count() or 1}))
     run("teacher", teacher, contexts)
     del teacher
     if version:

@@ -15,8 +15,10 @@ from backpack.mental.store import MentalStore
 
 
 def token_counter(cfg: RunConfig) -> TokenCounter:
-    """The budget is counted in the first teacher's tokens (what the context costs at the teacher)."""
-    return TokenCounter(cfg.teachers[0].model)
+    """The budget is counted in the first local teacher's tokens (what the context costs at the teacher); with
+    only remote teachers, whose tokenizers are unknown here, in the student's (else the default model's)."""
+    local = [t.model for t in cfg.teachers if t.backend == "hf"]
+    return TokenCounter(local[0] if local else cfg.student.base if cfg.student else "default")
 
 
 def over_budget(items: Iterable[Item], budget: int, count: Callable[[str], int]) -> list[str]:

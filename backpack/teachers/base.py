@@ -29,11 +29,15 @@ class Teacher(Protocol):
 
 
 def build_teacher(cfg: TeacherConfig, replica: str = "") -> Teacher:
-    """Construct the teacher for `cfg.backend`. The `vllm` and `openai` backends plug in here."""
+    """Construct the teacher for `cfg.backend` (hf, openai). The `vllm` backend plugs in here."""
     if cfg.backend == "hf":
         from backpack.teachers.hf import HFTeacher
 
         return HFTeacher(cfg, replica=replica)
+    if cfg.backend == "openai":
+        from backpack.teachers.openai import OpenAITeacher
+
+        return OpenAITeacher(cfg, replica=replica)
     raise NotImplementedError(f"teacher backend {cfg.backend!r} is not built in this version")
 
 
