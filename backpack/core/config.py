@@ -40,9 +40,18 @@ class RayConfig(_Section):
     namespace: Optional[str] = None    # Ray namespace for the run's actors (None: "backpack")
 
 
+def env_var_name(v: Optional[str]) -> Optional[str]:
+    """A field that names an environment variable holding a secret: a name, never the secret itself."""
+    if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+        raise ValueError(f"{v!r} is not an environment variable name (the secret itself never goes here)")
+    return v
+
+
 class RedisConfig(_Section):
     url: Optional[str] = None          # None: start an embedded Redis for the run; else redis://[:pw@]host:port/db
     password_env: Optional[str] = None  # name of an environment variable holding the password (never the YAML)
+
+    _env_name = field_validator("password_env")(classmethod(lambda cls, v: env_var_name(v)))
 
     @field_validator("url")
     @classmethod
@@ -101,12 +110,7 @@ class EndpointConfig(_Section):
             raise ValueError(f"{v!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
         return v
 
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v):
-        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError(f"{v!r} is not an environment variable name (the key itself never goes here)")
-        return v
+    _env_name = field_validator("api_key_env")(classmethod(lambda cls, v: env_var_name(v)))
 
 
 class TeacherConfig(_Section):
