@@ -23,16 +23,16 @@ def teacher_options(cfg: TeacherConfig) -> dict:
                                           "TOKENIZERS_PARALLELISM": "false"}})
 
 
-def spawn_teacher(cfg: TeacherConfig, replica: str, placement_group=None, bundle: int = 0):
+def spawn_teacher(cfg: TeacherConfig, replica: str, placement_group=None, bundle: int = 0, ledger=None):
     """One teacher replica; in bundle `bundle` of `placement_group` when its teacher reserves its replicas
-    together (teacher.placement other than "any")."""
+    together (teacher.placement other than "any"); asking the QueryLedger `ledger` first when given."""
     opts = teacher_options(cfg)
     if placement_group is not None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement_group, placement_group_bundle_index=bundle)
-    return ray.remote(TeacherHost).options(**opts).remote(cfg, replica)
+    return ray.remote(TeacherHost).options(**opts).remote(cfg, replica, ledger)
 
 
 def reserve_replicas(cfg: TeacherConfig):

@@ -119,12 +119,13 @@ class ContinualRun:
         import ray
 
         from backpack.distill import latest_checkpoint, student_checks, training_group
+        from backpack.ledger import run_ledger
         from backpack.mental.setup import prepare_recall
         from backpack.pool import TeacherPool
         from backpack.student.registry import Registry
 
         cfg = self.cfg
-        self.pool = TeacherPool(cfg.teachers)
+        self.pool = TeacherPool(cfg.teachers, run_ledger(cfg, self.url), cfg.ledger)
         server = bundle(self.sc.num_cpus, 0.0, self.sc.resources)
         ray_runtime.check_placement(self.pool.demands() + ([("student server", server)] if server else []),
                                     self.pool.groups() + [training_group(cfg.training)])
@@ -258,7 +259,7 @@ class ContinualRun:
                 ray.kill(replica.actor, no_restart=True)
             except Exception:  # already gone
                 pass
-            actor = spawn_teacher(cfg, replica.name)
+            actor = spawn_teacher(cfg, replica.name, ledger=self.pool.ledger_for(cfg))
             try:
                 ray.get(actor.ready.remote(), timeout=RESPAWN_TIMEOUT_S)
                 fresh = RayReplica(actor, replica.name, replica.teacher, replica.batch_size, replica.max_in_flight)

@@ -150,6 +150,7 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     import ray
 
     from backpack.actors import spawn_scheduler
+    from backpack.ledger import run_ledger
     from backpack.mental.setup import prepare_recall
     from backpack.pool import TeacherPool
 
@@ -173,9 +174,9 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
         result.seconds = time.perf_counter() - t0
         return result
 
-    pool = TeacherPool(cfg.teachers)
     started_ray, scheduler = False, None
     with redis_for(cfg) as redis_url:
+        pool = TeacherPool(cfg.teachers, run_ledger(cfg, redis_url), cfg.ledger)
         # the knowledge pack is checked and imported before any teacher loads (a bad pack fails fast)
         recaller = prepare_recall(cfg, redis_url, {q.task for q in todo}, rep.stage)
         try:

@@ -47,11 +47,18 @@ def _cause(err: BaseException) -> str:
 class TeacherPool:
     """All replicas of all teachers of a run."""
 
-    def __init__(self, teachers: list[TeacherConfig]):
+    def __init__(self, teachers: list[TeacherConfig], ledger=None, ledger_config=None):
         self.configs = teachers
+        # the QueryLedger, for the teachers ledger_config (a LedgerConfig) applies to
+        self.ledger, self.ledger_config = ledger, ledger_config
         self.replicas: list[RayReplica] = []
         self.infos: list[dict] = []
         self.placement_groups: list = []
+
+    def ledger_for(self, t: TeacherConfig):
+        """The ledger teacher `t` asks first, or None."""
+        ok = self.ledger is not None and self.ledger_config is not None and self.ledger_config.applies(t.backend)
+        return self.ledger if ok else None
 
     def demands(self) -> list[Demand]:
         """One demand per replica that Ray places on its own (teacher.placement "any")."""
@@ -84,7 +91,7 @@ class TeacherPool:
             pg = self._reserve(t, timeout) if t.placement != "any" else None
             for i in range(t.replicas):
                 name = f"{t.name}/{i}"
-                actor = spawn_teacher(t, name, pg, i)
+                actor = spawn_teacher(t, name, pg, i, self.ledger_for(t))
                 self.replicas.append(RayReplica(actor, name, t.name, t.batch_size, t.max_in_flight))
                 pending[actor.ready.remote()] = name
         total, infos = len(pending), {}

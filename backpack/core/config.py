@@ -199,6 +199,22 @@ class SchedulerConfig(_Section):
     max_pending: int = Field(256, ge=1)
 
 
+class LedgerConfig(_Section):
+    """The query ledger (backpack/ledger.py): answers stored in Redis by teacher, prompt and decoding, so an answer
+    is paid for once, across runs that share a Redis server."""
+
+    # auto: for teachers that cost per answer (backend openai); always: for every teacher; never: off.
+    use: Literal["auto", "always", "never"] = "auto"
+    # Seconds a replica's claim on a prompt it is answering lasts without renewal (it renews while working): how
+    # long others wait before taking over the prompts of a replica that died.
+    lease_s: float = Field(10.0, ge=1, le=3600)
+    # Days an answer is kept (null: until the Redis server's own eviction).
+    keep_days: Optional[float] = Field(None, gt=0)
+
+    def applies(self, backend: str) -> bool:
+        return self.use == "always" or (self.use == "auto" and backend == "openai")
+
+
 class RunConfig(_Section):
     name: str = Field(pattern=_NAME)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -208,6 +224,7 @@ class RunConfig(_Section):
     prompts: PromptsConfig
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     student: Optional["StudentConfig"] = None      # needed by `backpack train` / `run`
     training: Optional["TrainingConfig"] = None
     eval: Optional["EvalConfig"] = None

@@ -48,8 +48,12 @@ class TeacherHost:
     `peak_memory`) without knowing about Ray.
     """
 
-    def __init__(self, cfg: TeacherConfig, replica: str = ""):
+    def __init__(self, cfg: TeacherConfig, replica: str = "", ledger=None):
         self.teacher = build_teacher(cfg, replica)
+        if ledger is not None:  # answers already paid for come from the query ledger (backpack/ledger.py)
+            from backpack.ledger import LedgerTeacher
+
+            self.teacher = LedgerTeacher(self.teacher, ledger)
 
     def ready(self) -> dict:
         """The teacher's info once its model is loaded, with the Ray node it runs on (placement is visible)."""

@@ -1,0 +1,124 @@
+"""The query ledger on a real Redis: keys (decoding and context are part of them, unseeded sampling is not
+reused), answers reused at no teacher cost, a prompt in flight at one replica not sent by another, a dead
+owner's claim taken over, failures not stored; and a second identical `generate` through an openai teacher
+that costs zero teacher tokens."""
+
+import threading
+import time
+
+import pytest
+
+from backpack.core.config import validate_config
+from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
+from backpack.core.types import Completion, DecodingParams, Query
+from backpack.ledger import LedgerTeacher, QueryLedger, ledger_key
+
+from conftest import EXAMPLES
+
+
+def q(text: str, **decoding) -> Query:
+    return Query(messages=[{"role": "user", "content": text}], decoding=DecodingParams(**decoding))
+
+
+class CountingTeacher:
+    """A teacher that answers "A:<prompt>" and counts what it was asked (isolates the ledger's logic)."""
+
+    name = replica = "counting"
+
+    def __init__(self, delay: float = 0.0, fail: set = frozenset()):
+        self.asked: list[str] = []
+        self.delay, self.fail = delay, fail
+        self.lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"fingerprint": "fp-counting"}
+
+    def generate(self, table):
+        qs = table_to_queries(table)
+        with self.lock:
+            self.asked += [x.messages[-1]["content"] for x in qs]
+        time.sleep(self.delay)
+        out = []
+        for x in qs:
+            text = x.messages[-1]["content"]
+            out.append(Completion.failed(x.id, self.name, "boom") if text in self.fail else
+                       Completion(query_id=x.id, teacher=self.name, text=f"A:{text}", token_ids=[1, 2, 3]))
+        return completions_to_table(qs, out)
+
+
+def test_keys_cover_teacher_prompt_context_and_decoding():
+    a = q("hi")
+    assert ledger_key("fp", a) == ledger_key("fp", q("hi")) != ledger_key("other", a)
+    assert ledger_key("fp", a) != ledger_key("fp", q("hi", max_new_tokens=9))
+    assert ledger_key("fp", a) != ledger_key("fp", Query(messages=a.messages, context="Shop opens at 9."))
+    assert ledger_key("fp", q("hi", temperature=0.7, seed=1)) != ledger_key("fp", q("hi", temperature=0.7, seed=2))
+    assert ledger_key("fp", q("hi", temperature=0.7, seed=1, n=2)) != ledger_key("fp", q("hi", temperature=0.7,
+                                                                                       seed=1))
+    assert ledger_key("fp", q("hi", temperature=0.7)) is None     # an unseeded draw is never reused
+
+
+def test_answers_are_paid_once_and_failures_are_asked_again(redis_server):
+    ledger = QueryLedger(redis_server.url, lease_s=5)
+    first, second = CountingTeacher(fail={"bad"}), CountingTeacher()
+    t1, t2 = LedgerTeacher(first, ledger), LedgerTeacher(second, ledger)
+    batch = [q("one"), q("two"), q("bad"), q("draw", temperature=0.9)]
+    rows = t1.generate(queries_to_table(batch)).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
+    again = Query(messages=[{"role": "user", "content": "one"}], id="another-id")   # same prompt, another run's id
+    rows2 = t2.generate(queries_to_table([again, q("two"), q("bad"), q("draw", temperature=0.9)])).to_pylist()
+    assert second.asked == ["bad", "draw"]        # the failure and the unseeded draw; one and two came stored
+    assert rows2[0]["query_id"] == "another-id" and rows2[0]["text"] == "A:one" and rows2[0]["token_ids"] == [1, 2, 3]
+    assert t2.info()["ledger_hits"] == 2 and t2.info()["tokens_saved"] == 6
+
+
+def test_a_prompt_in_flight_is_not_sent_twice_and_a_dead_claim_is_taken_over(redis_server):
+    ledger = QueryLedger(redis_server.url, lease_s=2)
+    slow, other = CountingTeacher(delay=1.5), CountingTeacher()
+    t1, t2 = LedgerTeacher(slow, ledger, wait_s=0.1), LedgerTeacher(other, ledger, wait_s=0.1)
+    table = queries_to_table([q("shared")])
+    worker = threading.Thread(target=t1.generate, args=(table,))
+    worker.start()
+    time.sleep(0.3)                                 # t1 holds the claim and is generating
+    rows = t2.generate(table).to_pylist()           # t2 waits for t1's answer instead of paying again
+    worker.join()
+    assert slow.asked == ["shared"] and other.asked == [] and rows[0]["text"] == "A:shared"
+    assert t2.info()["ledger_waits"] >= 1
+    # a replica that claimed a prompt and died: its lease runs out and another replica answers it
+    assert ledger.claim(ledger_key("fp-counting", q("orphan")), "dead-replica")
+    t0 = time.monotonic()
+    rows = t2.generate(queries_to_table([q("orphan")])).to_pylist()
+    assert other.asked == ["orphan"] and rows[0]["status"] == "ok" and 1.0 < time.monotonic() - t0 < 10
+
+
+@pytest.mark.integration
+def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_model_dir, tmp_path, redis_server):
+    """Two runs with the same openai teacher (Backpack's own StudentServer as the endpoint) and one Redis server:
+    the second run stores the same answers and sends the endpoint nothing."""
+    from backpack.core.config import ServeConfig, StudentConfig
+    from backpack.data.store import DatasetStore
+    from backpack.pipeline import generate
+    from backpack.student.server import StudentServer
+
+    ray = ray_session
+    server = ray.remote(StudentServer).options(num_cpus=0).remote(StudentConfig(base=tiny_model_dir),
+                                                                 ServeConfig(port=0, max_new_tokens=6))
+    try:
+        url = ray.get(server.start.remote(), timeout=180) + "/v1"
+
+        def run(name: str):
+            cfg = validate_config({
+                "name": name, "storage": {"path": str(tmp_path)}, "redis": {"url": redis_server.url},
+                "teachers": [{"name": "api", "backend": "openai", "model": "student", "num_cpus": 0.1,
+                              "batch_size": 4, "endpoint": {"base_url": url, "concurrency": 2}}],
+                "prompts": {"path": str(EXAMPLES / "prompts.jsonl"), "limit": 5},
+                "decoding": {"max_new_tokens": 5}})
+            return generate(cfg), DatasetStore(cfg.dataset_dir).read().to_pylist()
+
+        first, rows1 = run("ledger-a")
+        asked = ray.get(server.info.remote())["requests"]
+        second, rows2 = run("ledger-b")
+        assert first.ok_rows == second.ok_rows == 5 and asked == 5
+        assert ray.get(server.info.remote())["requests"] == asked        # zero requests: zero teacher tokens
+        assert sorted(r["text"] for r in rows1) == sorted(r["text"] for r in rows2)
+    finally:
+        ray.kill(server)
