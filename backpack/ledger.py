@@ -23,6 +23,7 @@ import uuid
 from dataclasses import asdict
 from typing import Callable, Optional
 
+from backpack.core.accounting import LEDGER_REPLICA
 from backpack.core.recall import with_context
 from backpack.core.types import Completion, Query
 
@@ -147,7 +148,7 @@ class LedgerTeacher:
     def _reused(self, c: Completion, q: Query) -> Completion:
         self.stats["ledger_hits"] += 1
         self.stats["tokens_saved"] += c.completion_tokens if c.completion_tokens is not None else len(c.token_ids)
-        return Completion(**{**asdict(c), "query_id": q.id, "latency_s": 0.0})
+        return Completion(**{**asdict(c), "query_id": q.id, "latency_s": 0.0, "replica": LEDGER_REPLICA})
 
     def _generate(self, mine: list[Query], keys: dict) -> dict[str, list[Completion]]:
         from backpack.core.schema import queries_to_table

@@ -178,7 +178,17 @@ def dataset_state(cfg: RunConfig) -> Optional[dict]:
     except DatasetError:
         return None
     return {"path": str(cfg.dataset_dir), "version": s["version"], "rows": s["rows"], "ok": s["ok"],
-            "failed": s["failed"]}
+            "failed": s["failed"], "teachers": usage_of(cfg)}
+
+
+def usage_of(cfg: RunConfig) -> list[dict]:
+    """Per-teacher prompts, answers, failures, tokens, latency and spend of the run's dataset."""
+    from backpack.core.accounting import teacher_usage
+    from backpack.data.store import DatasetStore
+
+    columns = ["teacher", "replica", "query_id", "status", "prompt_tokens", "completion_tokens", "latency_s"]
+    rows = DatasetStore(str(cfg.dataset_dir), create=False).read(columns=columns).to_pylist()
+    return teacher_usage(rows, {t.name: t.cost_per_1k_tokens for t in cfg.teachers})
 
 
 def _int_or_none(v) -> Optional[int]:
@@ -234,6 +244,11 @@ def format_status(s: dict) -> str:
     d = s["dataset"]
     rows.append(("dataset", f"version {d['version']}: {d['rows']} row(s), {d['ok']} ok, {d['failed']} failed"
                  if d else "none yet"))
+    for u in (d or {}).get("teachers", []):
+        lat = f", p50 {u['latency_p50_s']:.2f} s" if u["latency_p50_s"] is not None else ""
+        rows.append((f"  {u['teacher']}", f"{u['answers']} answered, {u['failed']} failed, {u['from_ledger']} from "
+                     f"the ledger, {u['prompt_tokens'] + u['completion_tokens']} tokens{lat}, spend "
+                     f"{u['spend']:.4f}"))
     t = s["trainer"]
     if t:
         extra = f", loss {t['loss']:.4f}" if isinstance(t.get("loss"), (int, float)) else ""

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from backpack.core.accounting import format_usage, teacher_usage
 from backpack.core.config import validate_config
 from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
 from backpack.core.types import Completion, DecodingParams, Query
@@ -90,6 +91,23 @@ def test_a_prompt_in_flight_is_not_sent_twice_and_a_dead_claim_is_taken_over(red
     assert other.asked == ["orphan"] and rows[0]["status"] == "ok" and 1.0 < time.monotonic() - t0 < 10
 
 
+def test_usage_counts_spend_only_for_answers_a_teacher_was_asked_for():
+    row = {"query_id": "a", "teacher": "api", "replica": "api/0", "status": "ok", "prompt_tokens": 600,
+           "completion_tokens": 400, "latency_s": 1.0}
+    rows = [row, {**row, "query_id": "b", "latency_s": 3.0},
+            {**row, "query_id": "c", "status": "failed", "prompt_tokens": 0, "completion_tokens": 0,
+             "latency_s": None},
+            {**row, "query_id": "d", "replica": "ledger", "latency_s": 0.0},
+            {**row, "teacher": "local", "replica": "local/0"}]
+    api, local = teacher_usage(rows, {"api": 0.5})
+    assert (api["prompts"], api["answers"], api["failed"], api["from_ledger"]) == (4, 2, 1, 1)
+    assert (api["prompt_tokens"], api["completion_tokens"], api["spend"]) == (1200, 800, 1.0)  # ledger row free
+    assert (api["latency_p50_s"], api["latency_p95_s"]) == (1.0, 3.0)   # over the answered rows only
+    assert local["spend"] == 0.0 and local["answers"] == 1
+    table = format_usage([api, local])
+    assert table[2].startswith("| api | 4 | 2 | 1 | 1 | 1200 / 800 |") and table[2].endswith("| 1.0000 |")
+
+
 @pytest.mark.integration
 def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_model_dir, tmp_path, redis_server):
     """Two runs with the same openai teacher (Backpack's own StudentServer as the endpoint) and one Redis server:
@@ -120,5 +138,6 @@ def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_mode
         assert first.ok_rows == second.ok_rows == 5 and asked == 5
         assert ray.get(server.info.remote())["requests"] == asked        # zero requests: zero teacher tokens
         assert sorted(r["text"] for r in rows1) == sorted(r["text"] for r in rows2)
+        assert {r["replica"] for r in rows2} == {"ledger"}                # each row says the ledger answered it
     finally:
         ray.kill(server)

@@ -160,7 +160,10 @@ def test_status_shows_backlog_dataset_trainer_versions_and_server(redis_server, 
     redis_server_client(redis_server).hset(RunKeys(RUN).server,
                                            mapping={"url": "http://127.0.0.1:8123", "version": "2"})
     s = json.loads(cli(capsys, "status", cfg, "--json")[1])
+    usage = s["dataset"].pop("teachers")
     assert s["dataset"] == {"path": str(run_dir / "dataset"), "version": 1, "rows": 2, "ok": 1, "failed": 1}
+    assert [(u["teacher"], u["prompts"], u["answers"], u["failed"], u["completion_tokens"]) for u in usage] == \
+        [("t", 2, 1, 1, 1)]
     assert s["trainer"] == {"step": 10, "time": 1.7e9 + 60, "loss": 2.0}
     assert (s["versions"], s["latest_version"], s["live_version"]) == (2, 2, 2)
     assert s["server"] == {"url": "http://127.0.0.1:8123", "version": 2}
@@ -169,6 +172,7 @@ def test_status_shows_backlog_dataset_trainer_versions_and_server(redis_server, 
     lines = dict(line.split(None, 1) for line in out.splitlines())
     assert lines["backlog"] == "3 waiting, 0 in progress (pushed 3, 0 duplicate(s), answered 0, failed 0)"
     assert lines["dataset"] == "version 1: 2 row(s), 1 ok, 1 failed"
+    assert lines["t"] == "1 answered, 1 failed, 0 from the ledger, 1 tokens, p50 0.00 s, spend 0.0000"
     assert lines["trainer"].startswith("step 10 at ") and lines["trainer"].endswith(", loss 2.0000)")
     assert (lines["versions"], lines["live"]) == ("2 (latest 2)", "version 2")
     assert lines["server"] == "http://127.0.0.1:8123 serving version 2"

@@ -130,6 +130,8 @@ class TeacherConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     endpoint: Optional[EndpointConfig] = None   # backend openai: the endpoint (model is its model name)
+    # What one thousand tokens (prompt + completion) of this teacher cost, for the spend in status and report.
+    cost_per_1k_tokens: float = Field(0.0, ge=0)
 
     @field_validator("backend")
     @classmethod

@@ -36,6 +36,10 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
     for k, v in extra.items():
         if not isinstance(v, (dict, list)):
             lines.append(f"- {k}: {v}")
+    if extra.get("teachers"):
+        from backpack.core.accounting import format_usage
+
+        lines += ["", "## Teachers", ""] + format_usage(extra["teachers"])
     if evals and evals[-1].get("samples"):
         lines += ["", "## Samples (last version)", ""]
         for s in evals[-1]["samples"]:

@@ -1,0 +1,52 @@
+"""What each teacher did for a run, from its dataset rows: prompts, answers, failures, tokens, latency and spend.
+Pure, no Ray.
+
+Spend is (prompt + completion tokens) / 1000 x the teacher's `cost_per_1k_tokens`, for the answers a teacher
+was really asked for: rows the query ledger answered (replica "ledger") cost nothing and are counted apart.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+LEDGER_REPLICA = "ledger"   # the `replica` of a row the query ledger answered (backpack/ledger.py)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def teacher_usage(rows: list[dict], costs: dict[str, float]) -> list[dict]:
+    """One dict per teacher (sorted by name) from dataset rows with the columns teacher, replica, query_id,
+    status, prompt_tokens, completion_tokens, latency_s. `costs`: cost per 1k tokens by teacher name."""
+    by_teacher: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_teacher[r["teacher"]].append(r)
+    out = []
+    for name in sorted(by_teacher):
+        rs = by_teacher[name]
+        asked = [r for r in rs if r["replica"] != LEDGER_REPLICA]
+        ok = [r for r in asked if r["status"] == "ok"]
+        tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in asked)
+        latencies = [r["latency_s"] for r in ok if r["latency_s"] is not None]
+        out.append({
+            "teacher": name, "prompts": len({r["query_id"] for r in rs}), "answers": len(ok),
+            "failed": sum(r["status"] != "ok" for r in asked), "from_ledger": len(rs) - len(asked),
+            "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in asked),
+            "completion_tokens": sum(r["completion_tokens"] or 0 for r in asked),
+            "latency_p50_s": _percentile(latencies, 0.5) if latencies else None,
+            "latency_p95_s": _percentile(latencies, 0.95) if latencies else None,
+            "spend": tokens / 1000 * costs.get(name, 0.0)})
+    return out
+
+
+def format_usage(usage: list[dict]) -> list[str]:
+    """Markdown table lines of teacher_usage()."""
+    lines = ["| teacher | prompts | answers | failed | from ledger | tokens in / out | latency p50 / p95 | spend |",
+             "|---|---|---|---|---|---|---|---|"]
+    for u in usage:
+        lat = (f"{u['latency_p50_s']:.2f} / {u['latency_p95_s']:.2f} s" if u["latency_p50_s"] is not None else "—")
+        lines.append(f"| {u['teacher']} | {u['prompts']} | {u['answers']} | {u['failed']} | {u['from_ledger']} | "
+                     f"{u['prompt_tokens']} / {u['completion_tokens']} | {lat} | {u['spend']:.4f} |")
+    return lines
