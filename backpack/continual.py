@@ -244,7 +244,6 @@ class ContinualRun:
         import ray
 
         from backpack.actors import spawn_teacher
-        from backpack.pool import RayReplica
 
         try:
             dead = set(ray.get(self.scheduler.dead_replicas.remote(), timeout=10))
@@ -262,7 +261,7 @@ class ContinualRun:
             actor = spawn_teacher(cfg, replica.name, ledger=self.pool.ledger_for(cfg))
             try:
                 ray.get(actor.ready.remote(), timeout=RESPAWN_TIMEOUT_S)
-                fresh = RayReplica(actor, replica.name, replica.teacher, replica.batch_size, replica.max_in_flight)
+                fresh = self.pool.handle(cfg, actor, replica.name)
                 ray.get(self.scheduler.replace_replica.remote(fresh), timeout=30)
             except Exception as e:  # not placeable now, failed to load, or the scheduler is gone: next round
                 ray.kill(actor, no_restart=True)

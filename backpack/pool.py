@@ -17,12 +17,14 @@ from backpack.errors import BackpackError, TeacherError
 class RayReplica:
     """A scheduler `ReplicaHandle` over one teacher actor. Picklable (it travels to the scheduler actor)."""
 
-    def __init__(self, actor, name: str, teacher: str, batch_size: int, max_in_flight: int):
+    def __init__(self, actor, name: str, teacher: str, batch_size: int, max_in_flight: int, tags=(),
+                 cost: float = 0.0, rank: int = 0):
         self.actor = actor
         self.name = name
         self.teacher = teacher
         self.batch_size = batch_size
         self.max_in_flight = max_in_flight
+        self.tags, self.cost, self.rank = tuple(tags), cost, rank  # for the routing policies
 
     def submit(self, queries: pa.Table):
         return self.actor.generate.remote(queries)  # an ObjectRef, awaitable inside the scheduler's event loop
@@ -54,6 +56,11 @@ class TeacherPool:
         self.replicas: list[RayReplica] = []
         self.infos: list[dict] = []
         self.placement_groups: list = []
+
+    def handle(self, t: TeacherConfig, actor, name: str) -> RayReplica:
+        """The scheduler's handle of replica `name` of teacher `t` (its routing attributes included)."""
+        return RayReplica(actor, name, t.name, t.batch_size, t.max_in_flight, t.tags, t.cost_per_1k_tokens,
+                          self.configs.index(t))
 
     def ledger_for(self, t: TeacherConfig):
         """The ledger teacher `t` asks first, or None."""
@@ -92,7 +99,7 @@ class TeacherPool:
             for i in range(t.replicas):
                 name = f"{t.name}/{i}"
                 actor = spawn_teacher(t, name, pg, i, self.ledger_for(t))
-                self.replicas.append(RayReplica(actor, name, t.name, t.batch_size, t.max_in_flight))
+                self.replicas.append(self.handle(t, actor, name))
                 pending[actor.ready.remote()] = name
         total, infos = len(pending), {}
         deadline = time.monotonic() + timeout

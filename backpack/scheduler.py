@@ -37,6 +37,7 @@ class ReplicaHandle(Protocol):
     teacher: str
     batch_size: int
     max_in_flight: int
+    # optional, for the routing policies (see core/routing.py): tags, cost (per 1k tokens), rank (config order)
 
     def submit(self, queries: pa.Table) -> Awaitable[pa.Table]: ...
 
@@ -76,6 +77,12 @@ class _Batch:
     attempts: int = 0
     exclude: set = field(default_factory=set)
     last_error: str = ""
+    task: Optional[str] = None  # the one task of its Queries (policy by_task), else None
+
+
+def _view(r: ReplicaHandle, **state) -> ReplicaView:
+    return ReplicaView(r.name, r.teacher, max_in_flight=r.max_in_flight, tags=tuple(getattr(r, "tags", ())),
+                       cost=getattr(r, "cost", 0.0), rank=getattr(r, "rank", 0), **state)
 
 
 @dataclass
@@ -99,8 +106,9 @@ class Scheduler:
         if not replicas:
             raise ValueError("the scheduler needs at least one teacher replica")
         self.replicas = replicas
-        self.views = [ReplicaView(r.name, r.teacher, max_in_flight=r.max_in_flight) for r in replicas]
+        self.views = [_view(r) for r in replicas]
         self.policy = POLICIES[policy]
+        self.by_task = policy == "by_task"  # batches then hold one task each
         self.max_retries = max_retries
         self.flush_rows = flush_rows
         self.sink = sink
@@ -145,8 +153,7 @@ class Scheduler:
         idx = next(i for i, r in enumerate(self.replicas) if r.name == replica.name)
         old = self.views[idx]
         self.replicas[idx] = replica
-        self.views[idx] = ReplicaView(replica.name, replica.teacher, in_flight=old.in_flight,
-                                      max_in_flight=replica.max_in_flight, served=old.served)
+        self.views[idx] = _view(replica, in_flight=old.in_flight, served=old.served)
         if self.progress:
             self.progress.replica_state(replica.name, "alive")
 
@@ -177,7 +184,7 @@ class Scheduler:
                     break  # every replica is full: wait for an answer instead of rescanning the queue
                 batch = pending.popleft()
                 exclude = frozenset(batch.exclude)
-                idx = self.policy(self.views, self._last, batch.teacher, exclude)
+                idx = self.policy(self.views, self._last, batch.teacher, exclude, task=batch.task)
                 if idx is None:
                     if can_ever_serve(self.views, batch.teacher, exclude):
                         pending.append(batch)  # wait for room
@@ -273,7 +280,8 @@ class Scheduler:
         return await replica.submit(table)
 
     def _batches(self, queries: pa.Table) -> list[_Batch]:
-        """Split Queries by requested teacher, then into batches of that teacher's batch size."""
+        """Split Queries by requested teacher (and by task for policy by_task), then into batches of that
+        teacher's batch size."""
         out = []
         if self.recall is not None:
             queries = self.recall.annotate(queries)
@@ -283,12 +291,16 @@ class Scheduler:
             part = queries.filter(mask)
             sizes = [r.batch_size for r in self.replicas if teacher is None or r.teacher == teacher]
             size = min(sizes) if sizes else 1
-            out += [_Batch(part.slice(i, size), teacher) for i in range(0, part.num_rows, size)]
+            groups = [(None, part)] if not self.by_task else [
+                (task, part.filter(pc.equal(part.column("task"), task)))
+                for task in sorted(set(part.column("task").to_pylist()))]
+            for task, rows in groups:
+                out += [_Batch(rows.slice(i, size), teacher, task=task) for i in range(0, rows.num_rows, size)]
         return out
 
     def _split(self, batch: _Batch) -> list[_Batch]:
         half = batch.table.num_rows // 2
-        return [_Batch(part, batch.teacher, attempts=self.max_retries, last_error=batch.last_error)
+        return [_Batch(part, batch.teacher, attempts=self.max_retries, last_error=batch.last_error, task=batch.task)
                 for part in (batch.table.slice(0, half), batch.table.slice(half))]
 
     def _fail(self, batch: _Batch, summary: RunSummary) -> None:

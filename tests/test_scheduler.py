@@ -132,3 +132,48 @@ def test_one_poison_query_fails_alone():
     assert s["ok_rows"] == 7 and s["failed_rows"] == 1 and len(rows) == 8
     bad = [r for r in rows if r["status"] == "failed"][0]
     assert bad["messages"][-1]["content"] == "poison" and "cannot digest poison" in bad["error"]
+
+
+def test_routing_policies_by_task_cheapest_and_fallback():
+    """The pure policies on replica snapshots: tags pick specialists (generalists when no live teacher is tagged
+    for the task), cost orders cheapest, config order is the fallback chain."""
+    from backpack.core.routing import ReplicaView, by_task, cheapest, fallback
+
+    views = [ReplicaView("math/0", "math", tags=("math",), cost=2.0, rank=0),
+             ReplicaView("poet/0", "poet", tags=("poetry",), cost=0.5, rank=1),
+             ReplicaView("any/0", "any", cost=1.0, rank=2)]
+    assert by_task(views, task="math") == 0 and by_task(views, task="poetry") == 1
+    assert by_task(views, task="cooking") == 2                 # nobody is tagged for it: the generalist
+    views[0].in_flight = views[0].max_in_flight
+    assert by_task(views, task="math") is None                  # the specialist is busy: wait for it
+    views[0].alive = False
+    assert by_task(views, task="math") == 2                     # the specialist is dead: the generalist
+    views[0].alive, views[0].in_flight = True, 0
+    assert cheapest(views) == 1
+    views[1].in_flight = views[1].max_in_flight
+    assert cheapest(views) == 2                                 # the cheapest is full: the next cheapest
+    views[1].in_flight = 0
+    assert fallback(views) == 0
+    assert fallback(views, exclude=frozenset({"math/0"})) == 1  # the head failed this batch: the next one
+    views[0].in_flight = views[0].max_in_flight
+    assert fallback(views) is None                              # a busy head is waited for, not skipped
+
+
+def test_by_task_batches_reach_the_tagged_teacher_and_fallback_survives_a_failing_head():
+    math, poet, general = (FakeReplica("math/0", teacher="math"), FakeReplica("poet/0", teacher="poet"),
+                           FakeReplica("any/0", teacher="any"))
+    math.tags, poet.tags = ("math",), ("poetry",)
+    qs = [Query(messages=[{"role": "user", "content": f"{task} {i}"}], task=task)
+          for task in ("math", "poetry", "other") for i in range(3)]
+    sink = ListSink()
+    summary = run_sync(Scheduler([math, poet, general], sink, policy="by_task"), queries_to_table(qs))
+    rows = sink.table.to_pylist()
+    assert summary["ok_rows"] == 9
+    assert {r["task"]: r["teacher"] for r in rows} == {"math": "math", "poetry": "poet", "other": "any"}
+
+    head, spare = FakeReplica("head/0", teacher="head", fail_times=100), FakeReplica("spare/0", teacher="spare")
+    head.rank, spare.rank = 0, 1
+    sink = ListSink()
+    summary = run_sync(Scheduler([head, spare], sink, policy="fallback", max_retries=2), queries_to_table(qs[:4]))
+    assert summary["ok_rows"] == 4 and {r["teacher"] for r in sink.table.to_pylist()} == {"spare"}
+    assert head.calls >= 1 and spare.calls >= 1

@@ -130,8 +130,10 @@ class TeacherConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     endpoint: Optional[EndpointConfig] = None   # backend openai: the endpoint (model is its model name)
-    # What one thousand tokens (prompt + completion) of this teacher cost, for the spend in status and report.
+    # What one thousand tokens (prompt + completion) of this teacher cost: the spend in status and report, and
+    # the order of scheduler.policy cheapest.
     cost_per_1k_tokens: float = Field(0.0, ge=0)
+    tags: list[str] = Field(default_factory=list)   # tasks it is for (scheduler.policy by_task); []: any task
 
     @field_validator("backend")
     @classmethod
@@ -191,7 +193,9 @@ class DecodingConfig(_Section):
 
 
 class SchedulerConfig(_Section):
-    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    # round_robin | least_loaded | by_task (teachers[].tags) | cheapest (cost_per_1k_tokens) | fallback (config
+    # order: the next teacher only when the ones before are dead or failed the batch); see core/routing.py
+    policy: Literal["round_robin", "least_loaded", "by_task", "cheapest", "fallback"] = "round_robin"
     max_retries: int = Field(2, ge=0, le=10)       # other replicas tried before a batch's Queries are failed
     flush_rows: int = Field(64, ge=1)              # rows buffered before a Parquet shard is written
     # A shard is also written when its oldest buffered row is this old (continual runs: fresh data within seconds).
