@@ -382,8 +382,10 @@ class ContinualRun:
 
     def _checkpoints(self) -> Optional[set]:
         """The Ray Train checkpoints of the run (their state files); None if the storage cannot be read."""
+        from backpack.distill import checkpoint_states
+
         try:
-            return set(self.cfg.files.glob("train", "/state.json"))
+            return set(checkpoint_states(self.cfg.files))
         except Exception:
             return None
 

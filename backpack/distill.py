@@ -162,14 +162,18 @@ def training_dataset(store: DatasetStore, fraction: float, grounded_only: bool =
                                               batch_format="pyarrow").materialize()
 
 
+def checkpoint_states(files) -> list[str]:
+    """The state files of the run's Ray Train checkpoints (train/<ray train run>/checkpoint_*/state.json),
+    relative to the run's RunFiles."""
+    return [s for s in files.glob("train", "/state.json")
+            if len(s.split("/")) == 4 and s.split("/")[2].startswith("checkpoint_")]
+
+
 def latest_checkpoint(files) -> Optional[tuple[str, int]]:
     """(location, step) of the newest Ray Train checkpoint of this run (RunFiles of the run), if any: a local
     folder, or a URI when the run's storage is an object store."""
     best = None
-    for state in files.glob("train", "/state.json"):
-        parts = state.split("/")
-        if len(parts) != 4 or not parts[-2].startswith("checkpoint_"):  # train/<ray train run>/checkpoint_*/
-            continue
+    for state in checkpoint_states(files):
         step = json.loads(files.read_text(state) or "{}").get("step", 0)
         if best is None or step > best[1]:
             best = (files.uri(state.rsplit("/", 1)[0]), step)

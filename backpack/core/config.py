@@ -87,7 +87,9 @@ class StorageConfig(_Section):
     @property
     def remote(self) -> bool:
         """The files live in an object store or another non-local filesystem (a URI other than file://)."""
-        return "://" in self.path and not self.path.startswith("file://")
+        from backpack.runtime.storage import is_remote
+
+        return is_remote(self.path)
 
 
 class EndpointConfig(_Section):

@@ -26,16 +26,10 @@ from backpack.core.manifest import Manifest, ShardEntry
 from backpack.core.schema import DATASET_SCHEMA, check_dataset_table, with_added_columns
 from backpack.core.types import OK
 from backpack.errors import DatasetError
+from backpack.runtime.storage import resolve
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-
-
-def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in root:
-        fs, path = pafs.FileSystem.from_uri(root)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
 class DatasetStore:
@@ -43,7 +37,7 @@ class DatasetStore:
 
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.uri = str(root)
-        self.fs, self.root = _resolve(self.uri)
+        self.fs, self.root = resolve(self.uri)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
         info = self.fs.get_file_info(self._p(MANIFEST))
         if info.type == pafs.FileType.NotFound:

@@ -31,6 +31,11 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
+def is_remote(location: str | os.PathLike) -> bool:
+    """`location` is on a filesystem other than this machine's disk (a URI other than file://)."""
+    return is_uri(location) and not str(location).startswith("file://")
+
+
 def join_uri(root: str, *parts: str) -> str:
     """`root` with `parts` appended to its path; a URI keeps its query string (the filesystem's options)."""
     rel = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
@@ -68,16 +73,6 @@ def append_text(location: str | os.PathLike, text: str) -> None:
         f.write(old + text.encode("utf-8"))
 
 
-def read_text(location: str | os.PathLike) -> Optional[str]:
-    """The text of the file at `location` (a local path or a URI); None if there is none."""
-    fs, path = resolve(str(location))
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
-    except FileNotFoundError:
-        return None
-
-
 def resolve(root: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) of a local folder or a URI."""
     if is_uri(root):
@@ -93,6 +88,11 @@ class RunFiles:
         self.root = str(root) if is_uri(str(root)) else os.path.abspath(os.path.expanduser(str(root)))
         self._fs: Optional[tuple[pafs.FileSystem, str]] = None
 
+    @classmethod
+    def of(cls, location: "RunFiles | str | os.PathLike") -> "RunFiles":
+        """`location` as RunFiles (a RunFiles as it is)."""
+        return location if isinstance(location, RunFiles) else cls(location)
+
     def __getstate__(self):
         return {"root": self.root, "_fs": None}
 
@@ -103,7 +103,7 @@ class RunFiles:
 
     @property
     def local(self) -> bool:
-        return not is_uri(self.root) or self.root.startswith("file://")
+        return not is_remote(self.root)
 
     @property
     def fs(self) -> pafs.FileSystem:
@@ -195,13 +195,14 @@ class RunFiles:
 def local_folder(location: str | os.PathLike) -> Path:
     """A local folder holding the files at `location` (a local path as it is; a URI downloaded once into a cache
     folder, then reused: student versions and checkpoints never change once written)."""
-    if not is_uri(str(location)) or str(location).startswith("file://"):
+    if not is_remote(location):
         return Path(resolve(str(location))[1])
     cache = Path(os.environ.get("BACKPACK_CACHE", Path.home() / ".cache" / "backpack")) / "remote"
     target = cache / hashlib.sha256(str(location).encode()).hexdigest()[:24]
     if (target / ".complete").exists():
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=cache))
     try:
         RunFiles(location).download("", tmp)
         if not any(tmp.iterdir()):

@@ -24,7 +24,7 @@ class Registry(RunRedis):
 
     def __init__(self, redis_url: str, run: str, run_files: RunFiles | str | Path):
         super().__init__(redis_url, run)
-        self.files = (run_files if isinstance(run_files, RunFiles) else RunFiles(run_files)).sub("students")
+        self.files = RunFiles.of(run_files).sub("students")
 
     def publish(self, checkpoint_dir: str | Path, state: dict, base_fingerprint: str = "",
                 tokenizer_fingerprint: str = "") -> int:

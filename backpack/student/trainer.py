@@ -251,7 +251,7 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
     from backpack.runtime.storage import RunFiles
 
     t0 = time.perf_counter()
-    files = storage if isinstance(storage, RunFiles) else RunFiles(storage)
+    files = RunFiles.of(storage)
     files.fs.create_dir(files.path(), recursive=True)
     env = worker_env(training.allocator)  # before Ray Train starts: a missing tcmalloc is a clear error
     trainer = TorchTrainer(
