@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -118,6 +119,11 @@ class OpenAITeacher:
         self.session = requests.Session()
         self.pool = ThreadPoolExecutor(ep.concurrency, thread_name_prefix=f"{cfg.name}-http")
         self.stats = {"requests": 0, "retries": 0, "failed": 0}
+        self._stats_lock = threading.Lock()  # the pool's threads count concurrently
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
 
     def info(self) -> dict:
         return {"teacher": self.name, "replica": self.replica, "backend": "openai", "model": self.cfg.model,
@@ -135,7 +141,7 @@ class OpenAITeacher:
         completions = []
         for q, r in zip(qs, results):
             if isinstance(r, EndpointError):
-                self.stats["failed"] += 1
+                self._count("failed")
                 c = Completion.failed(q.id, self.name, str(r), self.replica)
                 c.model_fingerprint = self.fingerprint
                 completions.append(c)
@@ -153,7 +159,7 @@ class OpenAITeacher:
         err = None
         for attempt in range(self.ep.max_retries + 1):
             if attempt:
-                self.stats["retries"] += 1
+                self._count("retries")
                 time.sleep(backoff_s(attempt - 1, self.ep.backoff_s, retry_after_s=err.retry_after))
             self.limiter.acquire(estimate * q.decoding.n)
             t0 = time.perf_counter()
@@ -172,7 +178,7 @@ class OpenAITeacher:
     def _post(self, q: Query, body: dict) -> list[Completion]:
         import requests
 
-        self.stats["requests"] += 1
+        self._count("requests")
         try:
             resp = self.session.post(self.url, json=body, headers=self.headers, timeout=self.ep.timeout_s)
         except requests.Timeout:
