@@ -15,12 +15,17 @@ from backpack.teachers.base import TeacherHost
 
 def teacher_options(cfg: TeacherConfig) -> dict:
     """Ray options for one replica of `cfg`: its CPUs, GPUs and custom resources."""
-    return dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=dict(cfg.resources),
+    opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, resources=dict(cfg.resources),
                 # A dead replica stays dead: the scheduler re-routes its work, and a fresh model load
                 # mid-run would only add latency on a laptop.
                 max_restarts=0, max_task_retries=0,
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.threads),
                                           "TOKENIZERS_PARALLELISM": "false"}})
+    if cfg.dynamic_batching():
+        # A threaded actor: all max_in_flight generate calls wait in its batcher at once (one thread runs the
+        # model), and two more threads keep ready / peak_memory answering meanwhile.
+        opts["max_concurrency"] = cfg.max_in_flight + 2
+    return opts
 
 
 def spawn_teacher(cfg: TeacherConfig, replica: str, placement_group=None, bundle: int = 0, ledger=None):

@@ -183,7 +183,7 @@ class ContinualRun:
         self.scheduler = spawn_scheduler(self.pool.replicas, self.store, RedisProgress(self.url, self.cfg.name),
                                          policy=sc.policy, max_retries=sc.max_retries, flush_rows=sc.flush_rows,
                                          flush_seconds=sc.flush_seconds, max_pending=sc.max_pending,
-                                         recall=self.recaller)
+                                         ensemble=sc.ensemble, recall=self.recaller)
         # The same consumer name after a restart: the new scheduler first reads what the dead one had not stored.
         source = IntakeSource(self.url, self.cfg.name, answered, stored_ids=set(status))
         self.scheduler_ref = self.scheduler.run_stream.remote(source, self.cc.poll_seconds)

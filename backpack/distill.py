@@ -58,9 +58,10 @@ def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
     from backpack.student.autopilot import tokenizer_fingerprint
     from backpack.teachers.loader import resolve_model
 
-    # a remote endpoint's tokenizer is unknown: its rows hold text only, never the student's token ids
+    # hf and vllm teachers encode with the model's own tokenizer; a remote endpoint's is unknown: its rows hold
+    # text only, never the student's token ids
     return {t.name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(t.model).path))
-            if t.backend == "hf" else f"remote:{t.name}" for t in cfg.teachers}
+            if t.backend in ("hf", "vllm") else f"remote:{t.name}" for t in cfg.teachers}
 
 
 def student_checks(cfg: RunConfig, rep: Reporter):

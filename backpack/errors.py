@@ -64,6 +64,14 @@ class TeacherError(BackpackError):
         return (TeacherError, (self.teacher, self.cause))
 
 
+class TeacherDeadError(TeacherError):
+    """A teacher's engine died and cannot answer again (a vLLM engine core that crashed): the scheduler treats
+    the replica as dead, like an actor that died, and re-routes its work."""
+
+    def __reduce__(self):
+        return (TeacherDeadError, (self.teacher, self.cause))
+
+
 class DatasetError(BackpackError):
     """A dataset directory is missing, unreadable or inconsistent."""
 

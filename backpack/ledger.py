@@ -118,6 +118,11 @@ class LedgerTeacher:
         self.name = teacher.name
         self.owner = f"{getattr(teacher, 'replica', teacher.name)}:{uuid.uuid4().hex[:8]}"
         self.stats = {"ledger_hits": 0, "ledger_waits": 0, "tokens_saved": 0}
+        self._stats_lock = threading.Lock()  # a threaded actor (dynamic batching) runs several generate calls
+
+    def _count(self, key: str, n: int) -> None:
+        with self._stats_lock:
+            self.stats[key] += n
 
     def info(self) -> dict:
         return {**self.teacher.info(), **self.stats}
@@ -141,13 +146,13 @@ class LedgerTeacher:
                 answers.update(self._generate(mine, keys))
             pending = [q for q in pending if q.id not in answers]
             if pending:  # answered elsewhere right now: wait for it rather than pay twice
-                self.stats["ledger_waits"] += len(pending)
+                self._count("ledger_waits", len(pending))
                 time.sleep(self.wait_s)
         return completions_to_table(qs, [c for q in qs for c in answers[q.id]])
 
     def _reused(self, c: Completion, q: Query) -> Completion:
-        self.stats["ledger_hits"] += 1
-        self.stats["tokens_saved"] += c.completion_tokens if c.completion_tokens is not None else len(c.token_ids)
+        self._count("ledger_hits", 1)
+        self._count("tokens_saved", c.completion_tokens if c.completion_tokens is not None else len(c.token_ids))
         return Completion(**{**asdict(c), "query_id": q.id, "latency_s": 0.0, "replica": LEDGER_REPLICA})
 
     def _generate(self, mine: list[Query], keys: dict) -> dict[str, list[Completion]]:

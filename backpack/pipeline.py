@@ -192,9 +192,10 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
             rep.stage(f"loading {n} teacher replica(s)")
             pool.start(report=rep.stage)
             progress = RedisProgress(redis_url, cfg.name)
-            progress.start(total=len(todo) * cfg.decoding.n)
+            progress.start(total=len(todo) * cfg.decoding.n * cfg.scheduler.answers_per_query())
             scheduler = spawn_scheduler(pool.replicas, store, progress, policy=cfg.scheduler.policy,
                                         max_retries=cfg.scheduler.max_retries, flush_rows=cfg.scheduler.flush_rows,
+                                        max_pending=cfg.scheduler.max_pending, ensemble=cfg.scheduler.ensemble,
                                         recall=recaller)
             rep.stage(f"generating {len(todo)} prompt(s)")
             try:

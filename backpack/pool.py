@@ -11,7 +11,7 @@ import ray
 from backpack.actors import reserve_replicas, spawn_teacher
 from backpack.core.config import TeacherConfig
 from backpack.core.resources import Demand, Group
-from backpack.errors import BackpackError, TeacherError
+from backpack.errors import BackpackError, TeacherDeadError, TeacherError
 
 
 class RayReplica:
@@ -30,7 +30,8 @@ class RayReplica:
         return self.actor.generate.remote(queries)  # an ObjectRef, awaitable inside the scheduler's event loop
 
     def is_fatal(self, error: BaseException) -> bool:
-        return isinstance(error, ray.exceptions.RayActorError)
+        # the actor died, or its engine did (Ray re-raises a TeacherDeadError from the actor as one)
+        return isinstance(error, (ray.exceptions.RayActorError, TeacherDeadError))
 
 
 def _cause(err: BaseException) -> str:

@@ -10,7 +10,12 @@ teacher actors. Guarantees:
   more, so one bad Query fails alone;
 - a Query that no replica could answer is written as a failed row with the last cause, never dropped;
 - answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive;
-- with a `recall`, each Query carries its task's recalled knowledge to the teacher (and into its row).
+- with a `recall`, each Query carries its task's recalled knowledge to the teacher (and into its row);
+- with policy ensemble, each batch goes as one copy per asked teacher, pinned to it: a copy is retried, split
+  and failed among that teacher's replicas only, and its outcome waits in an `EnsembleHold` (core/ensemble.py)
+  until every asked teacher has answered or failed its Queries; then their rows are written by `ensemble.keep`.
+  A Query is failed only when every asked teacher failed it. A Query that names its teacher goes to that one
+  alone. At most `max_pending` Queries have answers held: a teacher that runs ahead waits for the others.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Awaitable, Optional, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from backpack.core.config import EnsembleConfig
+from backpack.core.ensemble import EnsembleHold, pick_teachers
 from backpack.core.routing import POLICIES, ReplicaView, can_ever_serve
 from backpack.core.schema import completions_to_table, failed_table, queries_to_table
 from backpack.core.types import OK, Completion
@@ -70,6 +77,15 @@ class Progress(Protocol):
     def replica_state(self, replica: str, state: str) -> None: ...
 
 
+def describe(err: BaseException) -> str:
+    """'Type: message' of a replica's failure. A Ray task error carries the teacher's own exception as `cause`:
+    that one names what went wrong (its str is not buried under the remote traceback)."""
+    inner = getattr(err, "cause", None)
+    if isinstance(inner, BaseException):
+        err = inner
+    return f"{type(err).__name__}: {err}".strip()
+
+
 @dataclass
 class _Batch:
     table: pa.Table
@@ -78,6 +94,7 @@ class _Batch:
     exclude: set = field(default_factory=set)
     last_error: str = ""
     task: Optional[str] = None  # the one task of its Queries (policy by_task), else None
+    copy: bool = False          # one teacher's copy of an ensemble batch: its outcome goes to the hold
 
 
 def _view(r: ReplicaHandle, **state) -> ReplicaView:
@@ -94,6 +111,13 @@ class RunSummary:
     retries: int = 0
     seconds: float = 0.0
     dead_replicas: dict = field(default_factory=dict)
+    # Policy ensemble (ok_rows and failed_rows count the rows written, so keep all writes up to k x n ok rows
+    # a Query): answers the keep rule did not keep (asked and paid for, not stored) and their completion tokens
+    # (`tokens` counts stored rows only), and a teacher's failures of Queries another teacher answered (not
+    # written, the Query being answered).
+    ensemble_unkept_rows: int = 0
+    ensemble_unkept_tokens: int = 0
+    ensemble_teacher_failures: int = 0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -102,13 +126,17 @@ class RunSummary:
 class Scheduler:
     def __init__(self, replicas: list[ReplicaHandle], sink: Sink, progress: Optional[Progress] = None,
                  policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64,
-                 flush_seconds: float = 5.0, max_pending: int = 256, recall=None):
+                 flush_seconds: float = 5.0, max_pending: int = 256, recall=None,
+                 ensemble: Optional[EnsembleConfig] = None):
         if not replicas:
             raise ValueError("the scheduler needs at least one teacher replica")
         self.replicas = replicas
         self.views = [_view(r) for r in replicas]
         self.policy = POLICIES[policy]
         self.by_task = policy == "by_task"  # batches then hold one task each
+        # policy ensemble: whom to ask and what to keep (None: another policy)
+        self.ensemble = (ensemble or EnsembleConfig()) if policy == "ensemble" else None
+        self._hold = EnsembleHold(self.ensemble.keep if self.ensemble else "all")
         self.max_retries = max_retries
         self.flush_rows = flush_rows
         self.sink = sink
@@ -161,6 +189,7 @@ class Scheduler:
                      poll_seconds: float = 1.0) -> dict:
         t0 = time.perf_counter()
         summary = RunSummary(queries=queries.num_rows if queries is not None else 0)
+        self._hold = EnsembleHold(self.ensemble.keep if self.ensemble else "all")
         pending = deque(self._batches(queries)) if queries is not None else deque()
         inflight: dict[asyncio.Task, tuple[int, _Batch]] = {}
         self._source = source
@@ -183,6 +212,10 @@ class Scheduler:
                 if not any(v.alive and v.in_flight < v.max_in_flight for v in self.views) and inflight:
                     break  # every replica is full: wait for an answer instead of rescanning the queue
                 batch = pending.popleft()
+                if (batch.copy and self._hold.partial >= self.max_pending
+                        and not self._hold.started(batch.table.column("query_id").to_pylist())):
+                    pending.append(batch)  # enough answers held: finish their Queries before starting more
+                    continue
                 exclude = frozenset(batch.exclude)
                 idx = self.policy(self.views, self._last, batch.teacher, exclude, task=batch.task)
                 if idx is None:
@@ -217,9 +250,9 @@ class Scheduler:
                 err = task.exception()
                 if err is None:
                     view.served += 1
-                    self._emit(task.result(), summary)
+                    self._answered(batch, task.result(), summary)
                     continue
-                cause = f"{type(err).__name__}: {err}".strip()[:2000]
+                cause = describe(err)[:2000]
                 log.warning("batch of %d failed on %s: %s", batch.table.num_rows, view.name, cause[:200])
                 # (a late failure of a replica already replaced must not mark its successor dead)
                 if replica.is_fatal(err) and view.alive and self.replicas[idx] is replica:
@@ -238,6 +271,14 @@ class Scheduler:
                 else:
                     summary.retries += 1
                     pending.appendleft(batch)
+        # Nothing is left held in a batch run; a stopping stream writes the Queries some teacher answered (the
+        # copies not sent are not waited for) and leaves the others in the stream.
+        rest = self._hold.finish(complete=source is None)
+        if rest is not None:
+            self._emit(rest, summary)
+        summary.ensemble_unkept_rows = self._hold.unkept_rows
+        summary.ensemble_unkept_tokens = self._hold.unkept_tokens
+        summary.ensemble_teacher_failures = self._hold.teacher_failures
         self._flush()
         summary.seconds = time.perf_counter() - t0
         return summary.as_dict()
@@ -246,7 +287,9 @@ class Scheduler:
 
     async def _fetch(self, source: QuerySource, pending: deque, inflight: dict, summary: RunSummary,
                      poll_seconds: float) -> None:
-        waiting = sum(b.table.num_rows for b in pending) + sum(b.table.num_rows for _, b, _ in inflight.values())
+        # (an ensemble's Queries count once, in the hold, however many copies of them are out)
+        waiting = (sum(b.table.num_rows for b in pending if not b.copy) + len(self._hold)
+                   + sum(b.table.num_rows for _, b, _ in inflight.values() if not b.copy))
         room = self.max_pending - waiting
         if room <= 0:
             return  # backpressure: the stream holds the rest
@@ -289,6 +332,9 @@ class Scheduler:
         for teacher in sorted(set(teachers.to_pylist()), key=lambda t: (t is not None, t or "")):
             mask = pc.is_null(teachers) if teacher is None else pc.equal(teachers, teacher)
             part = queries.filter(mask)
+            if teacher is None and self.ensemble is not None:
+                out += self._copies(part)
+                continue
             sizes = [r.batch_size for r in self.replicas if teacher is None or r.teacher == teacher]
             size = min(sizes) if sizes else 1
             groups = [(None, part)] if not self.by_task else [
@@ -298,17 +344,39 @@ class Scheduler:
                 out += [_Batch(rows.slice(i, size), teacher, task=task) for i in range(0, rows.num_rows, size)]
         return out
 
+    def _copies(self, queries: pa.Table) -> list[_Batch]:
+        """Policy ensemble: the Queries in batches for each asked teacher, cut to that teacher's batch size (the
+        hold joins the answers back by query id)."""
+        order = {}
+        for i, r in enumerate(self.replicas):
+            order.setdefault(r.teacher, (getattr(r, "rank", 0), i))
+        asked = pick_teachers(sorted(order, key=order.get), {v.teacher for v in self.views if v.alive},
+                              self.ensemble.teachers)
+        self._hold.expect(queries.column("query_id").to_pylist(), asked)
+        out = []
+        for teacher in asked:
+            size = min([r.batch_size for r in self.replicas if r.teacher == teacher], default=1)
+            out += [_Batch(queries.slice(i, size), teacher, copy=True) for i in range(0, queries.num_rows, size)]
+        return out
+
     def _split(self, batch: _Batch) -> list[_Batch]:
         half = batch.table.num_rows // 2
-        return [_Batch(part, batch.teacher, attempts=self.max_retries, last_error=batch.last_error, task=batch.task)
-                for part in (batch.table.slice(0, half), batch.table.slice(half))]
+        return [_Batch(part, batch.teacher, attempts=self.max_retries, last_error=batch.last_error, task=batch.task,
+                       copy=batch.copy) for part in (batch.table.slice(0, half), batch.table.slice(half))]
 
     def _fail(self, batch: _Batch, summary: RunSummary) -> None:
         if batch.last_error:
             why = f"no replica could answer after {batch.attempts} attempt(s); last error: {batch.last_error}"
         else:
             why = f"no live replica of teacher {batch.teacher!r}" if batch.teacher else "no live teacher replica"
-        self._emit(failed_table(batch.table, batch.teacher or "(none)", why), summary)
+        self._answered(batch, failed_table(batch.table, batch.teacher or "(none)", why), summary)
+
+    def _answered(self, batch: _Batch, table: pa.Table, summary: RunSummary) -> None:
+        """Write a batch's rows; an ensemble copy's go to the hold first, out when their Queries are complete."""
+        if batch.copy:
+            table = self._hold.add(batch.teacher, table)
+        if table is not None:
+            self._emit(table, summary)
 
     def _emit(self, table: pa.Table, summary: RunSummary) -> None:
         ok_mask = pc.equal(table.column("status"), OK)

@@ -53,12 +53,13 @@ def test_every_problem_is_listed_with_its_path(tmp_path):
     assert len(probs) >= 6
 
 
-def test_duplicate_teacher_names_and_reserved_backend(tmp_path):
+def test_duplicate_teacher_names_and_unknown_backend(tmp_path):
     data = minimal(tmp_path)
     data["teachers"] = [{"name": "a"}, {"name": "a"}]
     assert any("repeated: a" in p for p in problems_of(lambda: validate_config(data)))
-    data["teachers"] = [{"name": "a", "backend": "vllm"}]
-    assert any("not available in this version" in p for p in problems_of(lambda: validate_config(data)))
+    data["teachers"] = [{"name": "a", "backend": "tgi"}]
+    assert any("unknown backend 'tgi' (choose from hf, vllm, openai)" in p
+               for p in problems_of(lambda: validate_config(data)))
 
 
 def test_placement_and_resources_are_checked(tmp_path):

@@ -89,8 +89,9 @@ def test_endpoint_config_is_validated():
     assert "not an http(s) URL" in text and "not an environment variable name" in text and "concurrency" in text
     with pytest.raises(ConfigError, match="endpoint is for backend 'openai'"):
         validate_config({"name": "x", "teachers": [{"name": "t", "endpoint": {"base_url": "http://h/v1"}}]})
-    with pytest.raises(ConfigError, match="'vllm' is not available"):
-        validate_config({"name": "x", "teachers": [{"name": "t", "backend": "vllm"}]})
+    with pytest.raises(ConfigError, match="endpoint is for backend 'openai' .this teacher's backend is 'vllm'"):
+        validate_config({"name": "x", "teachers": [{"name": "t", "backend": "vllm",
+                                                    "endpoint": {"base_url": "http://h/v1"}}]})
 
 
 # ---------------------------------------------------------------- against a scripted server

@@ -59,6 +59,10 @@ class ListSink:
     def table(self) -> pa.Table:
         return pa.concat_tables(self.tables)
 
+    @property
+    def rows(self) -> list[dict]:
+        return self.table.to_pylist() if self.tables else []
+
 
 def queries(n, teacher=None):
     return queries_to_table([Query(messages=[{"role": "user", "content": f"q{i}"}], teacher=teacher)

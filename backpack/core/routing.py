@@ -13,6 +13,9 @@ retried is not sent back to the replica that just failed it).
     fallback      the teachers in config order as a chain: the first one with a live replica that has not failed
                   the batch gets it (waiting for room there); the next only when every replica before it is
                   dead or has failed the batch
+    ensemble      each batch goes to several teachers (scheduler.ensemble): the scheduler pins one copy of it to
+                  each asked teacher, and the least-loaded replica of that teacher takes it; the answers are
+                  joined and kept by the rules of core/ensemble.py
 """
 
 from __future__ import annotations
@@ -97,7 +100,9 @@ def fallback(replicas: Sequence[ReplicaView], last: int = -1, teacher: Optional[
 
 Policy = Callable[..., Optional[int]]
 POLICIES: dict[str, Policy] = {"round_robin": round_robin, "least_loaded": least_loaded, "by_task": by_task,
-                               "cheapest": cheapest, "fallback": fallback}
+                               "cheapest": cheapest, "fallback": fallback,
+                               # the copies are pinned to their teachers: only the replica is chosen here
+                               "ensemble": least_loaded}
 
 
 def can_ever_serve(replicas: Sequence[ReplicaView], teacher: Optional[str], exclude: frozenset[str]) -> bool:

@@ -29,11 +29,15 @@ class Teacher(Protocol):
 
 
 def build_teacher(cfg: TeacherConfig, replica: str = "") -> Teacher:
-    """Construct the teacher for `cfg.backend` (hf, openai). The `vllm` backend plugs in here."""
+    """Construct the teacher for `cfg.backend` (hf, vllm, openai)."""
     if cfg.backend == "hf":
         from backpack.teachers.hf import HFTeacher
 
         return HFTeacher(cfg, replica=replica)
+    if cfg.backend == "vllm":
+        from backpack.teachers.vllm import VLLMTeacher
+
+        return VLLMTeacher(cfg, replica=replica)
     if cfg.backend == "openai":
         from backpack.teachers.openai import OpenAITeacher
 
@@ -41,15 +45,49 @@ def build_teacher(cfg: TeacherConfig, replica: str = "") -> Teacher:
     raise NotImplementedError(f"teacher backend {cfg.backend!r} is not built in this version")
 
 
+class BatchingTeacher:
+    """A teacher whose concurrent `generate` calls share model batches (a `DynamicBatcher` over its generate).
+
+    Only the batcher's worker thread calls the inner teacher, so a model that is not thread-safe is safe here.
+    Sits under the ledger: each caller asks the ledger on its own thread, only what is left is batched.
+    """
+
+    def __init__(self, teacher: Teacher, cfg: TeacherConfig):
+        from backpack.core.batching import DynamicBatcher
+
+        self.teacher, self.name = teacher, teacher.name
+        self.replica = getattr(teacher, "replica", teacher.name)
+        # max_callers: the scheduler keeps at most max_in_flight calls at a replica; once all of them wait,
+        # no one else can join, so the batch runs without waiting out max_batch_wait_ms.
+        self.batcher = DynamicBatcher(teacher.generate, max_rows=cfg.batch_size,
+                                      max_wait_s=cfg.max_batch_wait_ms / 1000, max_callers=cfg.max_in_flight,
+                                      name=f"batcher-{self.replica}")
+
+    def generate(self, queries: pa.Table) -> pa.Table:
+        return self.batcher.submit(queries)
+
+    def info(self) -> dict:
+        s = self.batcher.stats
+        return {**self.teacher.info(), "batched_calls": s["calls"], "model_batches": s["batches"]}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
 class TeacherHost:
     """What runs inside a teacher actor: builds the teacher for its config and answers for it.
 
     Kept separate from the backends so every backend gets the same actor surface (`ready`, `generate`,
-    `peak_memory`) without knowing about Ray.
+    `peak_memory`) without knowing about Ray. With dynamic batching (`cfg.dynamic_batching()`) the actor is
+    threaded (actors.py): several `generate` calls wait in the batcher at once, and `ready` / `peak_memory`
+    answer meanwhile.
     """
 
     def __init__(self, cfg: TeacherConfig, replica: str = "", ledger=None):
         self.teacher = build_teacher(cfg, replica)
+        self.batching = BatchingTeacher(self.teacher, cfg) if cfg.dynamic_batching() else None
+        if self.batching is not None:
+            self.teacher = self.batching
         if ledger is not None:  # answers already paid for come from the query ledger (backpack/ledger.py)
             from backpack.ledger import LedgerTeacher
 
@@ -57,7 +95,9 @@ class TeacherHost:
 
     def ready(self) -> dict:
         """The teacher's info once its model is loaded, with the Ray node it runs on (placement is visible)."""
-        info = dict(self.teacher.info())
+        import os
+
+        info = dict(self.teacher.info(), pid=os.getpid())  # the process to look at (or kill, in a test)
         try:
             import ray
 
@@ -69,6 +109,11 @@ class TeacherHost:
 
     def generate(self, queries: pa.Table) -> pa.Table:
         return self.teacher.generate(queries)
+
+    def close(self) -> None:
+        """Stop the batcher's thread, if any (an in-process host; an actor just ends with its process)."""
+        if self.batching is not None:
+            self.batching.close()
 
     def peak_memory(self) -> int:
         """Peak resident memory of this process in bytes."""

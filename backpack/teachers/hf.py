@@ -1,7 +1,9 @@
 """The `hf` teacher: a transformers causal LM answering batches of chat Queries.
 
-Batches are left-padded; Queries with identical decoding parameters share one `generate` call. A Query with a
-fixed seed is generated on its own so its answer does not depend on what it was batched with.
+Batches are left-padded; Queries with identical decoding parameters share one `generate` call, in chunks of
+`batch_size` cut from the Queries sorted by prompt length (length bucketing: each chunk pads its prompts to
+similar widths, so less compute goes to padding). A Query with a fixed seed is generated on its own so its
+answer does not depend on what it was batched with. Rows come back in Query order whatever the chunks were.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ class HFTeacher:
                     for q in group:  # seeded sampling: reproducible per Query, whatever the batch
                         completions += self._generate([q], [encoded[q.id]], params)
                 else:
+                    # Length bucketing (stable: equal lengths keep their order). Greedy answers do not depend on
+                    # batch mates (left padding is masked), and unseeded sampling is a fresh draw either way.
+                    group = sorted(group, key=lambda q: len(encoded[q.id]))
                     for start in range(0, len(group), self.cfg.batch_size):
                         chunk = group[start:start + self.cfg.batch_size]
                         completions += self._generate(chunk, [encoded[q.id] for q in chunk], params)
@@ -114,6 +119,8 @@ class HFTeacher:
             raise TeacherError(self.replica, f"out of memory on {self.device}: {e}") from None
         except RuntimeError as e:
             raise TeacherError(self.replica, f"{type(e).__name__}: {e}") from None
+        order = {q.id: i for i, q in enumerate(qs)}
+        completions.sort(key=lambda c: order[c.query_id])  # stable: a Query's samples stay in sample order
         return completions_to_table(qs, completions)
 
     # ------------------------------------------------------------------ internals

