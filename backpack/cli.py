@@ -97,6 +97,8 @@ def cmd_generate(args) -> int:
           f"whole run {res.seconds:.1f} s")
     if res.dead_replicas:
         print(f"replicas lost during the run (their work was re-routed): {', '.join(res.dead_replicas)}")
+    for name, why in res.not_started.items():
+        print(f"replica {name} {why.splitlines()[0][:300]}; the others answered its prompts")
     if res.failed_rows:
         print(f"see the failures with: backpack data show {res.dataset} --failed")
     return 0

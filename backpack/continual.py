@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from backpack.core.accounting import INCIDENTS, incident_lines
 from backpack.core.config import ContinualConfig, EvalConfig, RunConfig, ServeConfig
 from backpack.core.resources import bundle
 from backpack.data.store import DatasetStore
@@ -142,6 +143,8 @@ class ContinualRun:
         self._start_server()  # first: a port already in use is a clear error before anything slow starts
         self.rep.stage(f"loading {sum(t.replicas for t in cfg.teachers)} teacher replica(s)")
         self.pool.start(report=self.rep.stage)
+        if self.pool.not_started:  # the run goes on with the others; recorded for `backpack status` and the report
+            cfg.files.append_text(INCIDENTS, incident_lines(self.pool.not_started, {}, time.time()))
         self._start_scheduler()
         resume = latest_checkpoint(cfg.files)
         self._start_trainer(resume[0] if resume else None)
@@ -270,6 +273,7 @@ class ContinualRun:
                 continue
             self.pool.replicas[i] = fresh
             self._restart("teacher")
+            self.cfg.files.append_text(INCIDENTS, incident_lines({}, {replica.name: "started again"}, time.time()))
 
     def _stopping(self) -> bool:
         """Whether the run is being stopped (a part that ended because of it is not restarted)."""

@@ -191,6 +191,13 @@ def usage_of(cfg: RunConfig) -> list[dict]:
     return teacher_usage(rows, {t.name: t.cost_per_1k_tokens for t in cfg.teachers})
 
 
+def incidents_of(cfg: RunConfig) -> list[dict]:
+    """The run's last teacher incidents: replicas that could not start or died (core/accounting.py)."""
+    from backpack.core.accounting import INCIDENTS, parse_incidents
+
+    return parse_incidents(cfg.files.read_text(INCIDENTS) or "")
+
+
 def _int_or_none(v) -> Optional[int]:
     try:
         return int(v)
@@ -224,6 +231,7 @@ def status(cfg: RunConfig) -> dict:
         "live_version": live,
         "server": {"url": server.get("url"), "version": _int_or_none(server.get("version"))} if server else None,
         "knowledge": knowledge,  # task -> current knowledge version (the Mental Process)
+        "incidents": incidents_of(cfg),  # teacher replicas that could not start or died (last 20)
     }
 
 
@@ -262,6 +270,10 @@ def format_status(s: dict) -> str:
     rows.append(("server", f"{srv['url']} serving version {srv['version']}" if srv else "not running"))
     if s.get("knowledge"):
         rows.append(("knowledge", ", ".join(f"{t} v{v}" for t, v in s["knowledge"].items())))
+    if s.get("incidents"):
+        rows.append(("incidents", f"{len(s['incidents'])} teacher replica(s) did not start or died; the latest:"))
+        for i in s["incidents"][-5:]:
+            rows.append((f"  {i['replica']}", f"{i['what'][:200]} ({_when(i['time'])})"))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from backpack.core.accounting import INCIDENTS, incident_lines
 from backpack.core.config import RunConfig
 from backpack.core.prompts import read_prompts
 from backpack.core.schema import completions_to_table, queries_to_table
@@ -39,7 +40,8 @@ class GenerateResult:
     tokens: int
     seconds: float                 # the whole run: start-up, model loading, generation
     generate_seconds: float = 0.0  # from the first batch sent to the last answer stored
-    dead_replicas: dict = field(default_factory=dict)
+    dead_replicas: dict = field(default_factory=dict)  # replica -> cause: died during the run, work re-routed
+    not_started: dict = field(default_factory=dict)    # replica -> cause: could not start, the run went on
 
     @property
     def tokens_per_s(self) -> float:
@@ -217,6 +219,9 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
     result.tokens = summary["tokens"]
     result.generate_seconds = summary["seconds"]
     result.dead_replicas = summary["dead_replicas"]
+    result.not_started = dict(pool.not_started)
+    if result.dead_replicas or result.not_started:  # for `backpack status` and the report
+        cfg.files.append_text(INCIDENTS, incident_lines(result.not_started, result.dead_replicas, time.time()))
     result.version = store.version
     result.seconds = time.perf_counter() - t0
     return result

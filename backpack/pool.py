@@ -47,6 +47,13 @@ def _cause(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead
+        pass
+
+
 class TeacherPool:
     """All replicas of all teachers of a run."""
 
@@ -56,6 +63,8 @@ class TeacherPool:
         self.ledger, self.ledger_config = ledger, ledger_config
         self.replicas: list[RayReplica] = []
         self.infos: list[dict] = []
+        # replicas that could not start -> why; the run goes on with the others (TeacherError when none started)
+        self.not_started: dict[str, str] = {}
         self.placement_groups: list = []
 
     def handle(self, t: TeacherConfig, actor, name: str) -> RayReplica:
@@ -91,9 +100,12 @@ class TeacherPool:
         return pg
 
     def start(self, timeout: float = 900.0, report: Optional[Callable[[str], None]] = None) -> list[dict]:
-        """Spawn every replica and wait until each has loaded its model. Raises TeacherError naming the first
-        replica that failed to start, with its cause. `report` gets a line per replica ready, and one every
-        30 s while replicas wait (for a model load, or for cluster resources other jobs hold)."""
+        """Spawn every replica and wait until each has loaded its model. A replica that cannot start (a model
+        that does not load, an endpoint key that is not set, a vLLM engine that does not fit) is left out and
+        recorded in `not_started`: the scheduler routes to the others, so prompts for it are answered elsewhere
+        (or failed, naming it, when they asked for that teacher alone). Raises TeacherError naming the first
+        replica and its cause when none started. `report` gets a line per replica ready or not started, and one
+        every 30 s while replicas wait (for a model load, or for cluster resources other jobs hold)."""
         pending = {}
         for t in self.configs:
             pg = self._reserve(t, timeout) if t.placement != "any" else None
@@ -120,19 +132,26 @@ class TeacherPool:
             try:
                 infos[name] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self.shutdown()
-                raise TeacherError(name, f"could not start: {_cause(e)}") from None
+                self.not_started[name] = f"could not start: {_cause(e)}"
+                if report:
+                    report(f"teacher replica {name} {self.not_started[name]} (the run goes on without it)")
+                continue
             if report:
-                report(f"teacher replicas ready: {total - len(pending)}/{total}")
+                report(f"teacher replicas ready: {len(infos)}/{total}")
+        if not infos:
+            first = next(iter(self.not_started))
+            self.shutdown()
+            raise TeacherError(first, self.not_started[first])
+        for r in self.replicas:
+            if r.name in self.not_started:
+                _kill(r.actor)
+        self.replicas = [r for r in self.replicas if r.name not in self.not_started]
         self.infos = [infos[r.name] for r in self.replicas]
         return self.infos
 
     def shutdown(self) -> None:
         for r in self.replicas:
-            try:
-                ray.kill(r.actor, no_restart=True)
-            except Exception:  # already dead
-                pass
+            _kill(r.actor)
         self.replicas = []
         for pg in self.placement_groups:
             try:

@@ -69,7 +69,9 @@ def part_peer(n: int, max_new_tokens: int) -> dict:
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "tokens": sum(len(o.outputs[0].token_ids) for o in outs)}
+    # counted as Backpack's rows count them: an answer that stopped ends with its end-of-turn token, not part of it
+    tokens = sum(len(o.outputs[0].token_ids) - (o.outputs[0].finish_reason == "stop") for o in outs)
+    return {"seconds": seconds, "tokens": tokens}
 
 
 def _through_backpack(teacher, queries, ledger=None, runs: int = 1) -> list[dict]:

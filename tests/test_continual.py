@@ -170,6 +170,9 @@ def test_nothing_lost_when_a_teacher_the_scheduler_and_a_trainer_worker_die(
     b = backlog(redis_server.url, cfg.name)
     assert (b.waiting, b.in_progress) == (0, 0) and b.answered + b.failed >= 24
     assert first.restarts.get("teacher") and first.restarts.get("scheduler")
+    from backpack.ops import incidents_of  # the teacher's death is on record for `backpack status`
+
+    assert any(i["what"] == "died: started again" for i in incidents_of(cfg))
     # Ray Train restarted the worker group from the last checkpoint (training.max_failures) and it went on
     # training; the run's trainer task itself did not fail
     assert first.step > killed_at + 2 and not first.restarts.get("trainer")

@@ -141,6 +141,30 @@ def test_broken_model_is_clear_and_stops_redis(ray_session, tmp_path):
     assert not redis_processes_for(cfg.run_dir)
 
 
+def test_a_teacher_that_cannot_start_leaves_the_run_to_the_others(ray_session, smol_dir, tmp_path):
+    """One of two teachers is down at start (its model does not load): the run goes on with the other, every
+    prompt is answered, a prompt that asked for the broken teacher alone is failed naming it, and the incident
+    is recorded for `backpack status` (and the report)."""
+    from backpack.ops import format_status, status
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "not-a-real-architecture"}')
+    lines = [json.dumps({"id": f"p{i}", "prompt": p}).encode() for i, p in enumerate(PROMPTS[:4])]
+    lines.append(json.dumps({"id": "pinned", "prompt": "Say hi.", "teacher": "down"}).encode())
+    down = TeacherConfig(name="down", model=str(broken), threads=1, num_cpus=1)
+    cfg = _config(tmp_path, lines, teachers=[smol(replicas=1).model_dump(), down.model_dump()])
+    res = generate(cfg)
+    assert (res.ok_rows, res.failed_rows) == (4, 1) and list(res.not_started) == ["down/0"]
+    assert "could not start" in res.not_started["down/0"] and "cannot load model" in res.not_started["down/0"]
+    rows = {r["query_id"]: r for r in DatasetStore(cfg.dataset_dir, create=False).read().to_pylist()}
+    assert {rows[f"p{i}"]["teacher"] for i in range(4)} == {"smol"}
+    assert rows["pinned"]["status"] == "failed" and "no live replica of teacher 'down'" in rows["pinned"]["error"]
+    s = status(cfg)
+    assert [i["replica"] for i in s["incidents"]] == ["down/0"]
+    assert "down/0" in format_status(s) and "could not start" in format_status(s)
+
+
 def test_two_teachers_route_by_requested_teacher(ray_session, smol_dir, tiny_model_dir, tmp_path):
     lines = [json.dumps({"id": f"s{i}", "prompt": p, "teacher": "smol"}).encode() for i, p in enumerate(PROMPTS[:3])]
     lines += [json.dumps({"id": f"t{i}", "prompt": p, "teacher": "tiny"}).encode() for i, p in enumerate(PROMPTS[3:6])]

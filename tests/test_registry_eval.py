@@ -123,8 +123,10 @@ def test_report_files(tmp_path):
              {"version": 1, "step": 10, "nll": 1.5, "perplexity": 4.5, "chrf": 30.0, "kl_to_teacher": float("nan"),
               "params": 1e6, "gen_tokens_per_s": 11.0, "samples": [{"prompt": "p", "teacher": "t", "student": "s"}]}]
     training = [{"step": s, "loss": 3 - s / 10, "ce": 3 - s / 10, "kd": 0.0} for s in range(1, 11)]
-    write_report(tmp_path, "demo", evals, training, {"train_seconds": 12.5})
+    incidents = [{"time": 0.0, "replica": "api/0", "what": "could not start: TeacherError: key not set"}]
+    write_report(tmp_path, "demo", evals, training, {"train_seconds": 12.5, "incidents": incidents})
     md = (tmp_path / "report.md").read_text()
+    assert "## Teacher incidents" in md and "api/0: could not start: TeacherError: key not set" in md
     assert "| 1 | 10 | 1.500 | 4.50 | 30.0 | — | 1.0 | 11.0 |" in md and "NLL 2.000 → 1.500" in md
     assert json.loads((tmp_path / "report.json").read_text())["versions"][1]["chrf"] == 30.0
     assert (tmp_path / "report.png").stat().st_size > 5000

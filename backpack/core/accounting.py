@@ -50,3 +50,39 @@ def format_usage(usage: list[dict]) -> list[str]:
         lines.append(f"| {u['teacher']} | {u['prompts']} | {u['answers']} | {u['failed']} | {u['from_ledger']} | "
                      f"{u['prompt_tokens']} / {u['completion_tokens']} | {lat} | {u['spend']:.4f} |")
     return lines
+
+
+# ---------------------------------------------------------------- incidents: replicas that did not start or died
+
+INCIDENTS = "teachers/incidents.jsonl"  # in the run's files: one JSON line per incident, appended by each run
+
+
+def incident_lines(not_started: dict[str, str], died: dict[str, str], when: float) -> str:
+    """JSON lines for the run's files: each replica that could not start and each that died (whose work the
+    scheduler re-routed), with the cause."""
+    import json
+
+    events = [{"time": when, "replica": r, "what": w} for r, w in not_started.items()]
+    events += [{"time": when, "replica": r, "what": f"died: {w}"} for r, w in died.items()]
+    return "".join(json.dumps(e) + "\n" for e in events)
+
+
+def parse_incidents(text: str, last: int = 20) -> list[dict]:
+    """The last `last` incidents of an incidents file (unreadable lines skipped: a partly written last line)."""
+    import json
+
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out[-last:]
+
+
+def format_incidents(incidents: list[dict]) -> list[str]:
+    """Markdown list lines, one per incident (time, replica, what happened)."""
+    import time
+
+    return [f"- {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(i['time']))} {i['replica']}: {i['what'][:400]}"
+            for i in incidents]

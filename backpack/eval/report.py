@@ -40,6 +40,12 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
         from backpack.core.accounting import format_usage
 
         lines += ["", "## Teachers", ""] + format_usage(extra["teachers"])
+    if extra.get("incidents"):
+        from backpack.core.accounting import format_incidents
+
+        lines += ["", "## Teacher incidents", "",
+                  "Replicas that could not start or died; their prompts went to other replicas."] + \
+            [""] + format_incidents(extra["incidents"])
     if evals and evals[-1].get("samples"):
         lines += ["", "## Samples (last version)", ""]
         for s in evals[-1]["samples"]:
