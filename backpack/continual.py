@@ -24,12 +24,13 @@ cannot lose it:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from backpack.core.accounting import INCIDENTS, incident_lines
+from backpack.core.accounting import INCIDENTS, REPLICAS, incident_lines
 from backpack.core.config import ContinualConfig, EvalConfig, RunConfig, ServeConfig
 from backpack.core.resources import bundle
 from backpack.data.store import DatasetStore
@@ -381,6 +382,10 @@ class ContinualRun:
             if actor is not None:
                 ray.kill(actor)
         if self.pool is not None:
+            try:  # retries, rate-limit waits, ledger hits: for `backpack status` and the report
+                self.cfg.files.write_text(REPLICAS, json.dumps(self.pool.counters()))
+            except Exception:  # storage or replicas gone: counters are a nicety
+                pass
             self.pool.shutdown()
 
 

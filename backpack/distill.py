@@ -276,10 +276,11 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
         files.write_text(cache, json.dumps(m))
         results.append(m)
     training = [json.loads(line) for line in (files.read_text("train/metrics.jsonl") or "").splitlines()]
-    from backpack.ops import incidents_of, usage_of
+    from backpack.ops import incidents_of, replicas_of, usage_of
 
     extra = {"dataset_version": store.version, "heldout_rows": len(held), "student": cfg.student.model_dump(),
-             "teachers": usage_of(cfg), "incidents": incidents_of(cfg)}
+             "teachers": usage_of(cfg), "incidents": incidents_of(cfg),
+             "replicas": replicas_of(cfg)}
     if files.local:
         return write_report(cfg.run_dir / "report", cfg.name, results, training, extra)
     with tempfile.TemporaryDirectory() as d:  # written here, then copied to the object store

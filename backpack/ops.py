@@ -198,6 +198,17 @@ def incidents_of(cfg: RunConfig) -> list[dict]:
     return parse_incidents(cfg.files.read_text(INCIDENTS) or "")
 
 
+def replicas_of(cfg: RunConfig) -> dict:
+    """Each teacher replica's counters at the end of the run's last generation (core/accounting.py)."""
+    from backpack.core.accounting import REPLICAS
+
+    text = cfg.files.read_text(REPLICAS)
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:  # written whole in one go; unreadable only if damaged
+        return {}
+
+
 def _int_or_none(v) -> Optional[int]:
     try:
         return int(v)
@@ -232,6 +243,7 @@ def status(cfg: RunConfig) -> dict:
         "server": {"url": server.get("url"), "version": _int_or_none(server.get("version"))} if server else None,
         "knowledge": knowledge,  # task -> current knowledge version (the Mental Process)
         "incidents": incidents_of(cfg),  # teacher replicas that could not start or died (last 20)
+        "replicas": replicas_of(cfg),    # each replica's retries, rate-limit waits, ledger hits (last run)
     }
 
 
@@ -270,6 +282,9 @@ def format_status(s: dict) -> str:
     rows.append(("server", f"{srv['url']} serving version {srv['version']}" if srv else "not running"))
     if s.get("knowledge"):
         rows.append(("knowledge", ", ".join(f"{t} v{v}" for t, v in s["knowledge"].items())))
+    from backpack.core.accounting import format_replicas
+
+    rows += [(f"  {name}", counted) for name, counted in format_replicas(s.get("replicas") or {})]
     if s.get("incidents"):
         rows.append(("incidents", f"{len(s['incidents'])} teacher replica(s) did not start or died; the latest:"))
         for i in s["incidents"][-5:]:

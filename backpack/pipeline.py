@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from backpack.core.accounting import INCIDENTS, incident_lines
+from backpack.core.accounting import INCIDENTS, REPLICAS, incident_lines
 from backpack.core.config import RunConfig
 from backpack.core.prompts import read_prompts
 from backpack.core.schema import completions_to_table, queries_to_table
@@ -207,6 +207,8 @@ def _generate(cfg: RunConfig, reporter: Optional[Reporter]) -> GenerateResult:
                 raise BackpackError(f"the scheduler actor died ({str(e).splitlines()[0]}); answers stored so far "
                                     f"are kept: rerun the same command to resume") from None
             progress.finish()
+            # retries, rate-limit waits, ledger hits: for `backpack status` and the report
+            cfg.files.write_text(REPLICAS, json.dumps(pool.counters()))
         finally:
             # On a shared cluster nothing of this run may outlive it: kill what we spawned, then leave Ray.
             if scheduler is not None:

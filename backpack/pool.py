@@ -149,6 +149,20 @@ class TeacherPool:
         self.infos = [infos[r.name] for r in self.replicas]
         return self.infos
 
+    def counters(self, timeout: float = 10.0) -> dict[str, dict]:
+        """Each live replica's counters (core/accounting.py COUNTERS: retries, rate-limit waits, ledger hits,
+        model batches, ...), read from its info; a replica that does not answer in `timeout` is left out."""
+        from backpack.core.accounting import replica_counters
+
+        refs = {r.name: r.actor.ready.remote() for r in self.replicas}
+        infos = {}
+        for name, ref in refs.items():
+            try:
+                infos[name] = ray.get(ref, timeout=timeout)
+            except Exception:  # dead or stuck: its incident is recorded elsewhere
+                continue
+        return replica_counters(infos)
+
     def shutdown(self) -> None:
         for r in self.replicas:
             _kill(r.actor)

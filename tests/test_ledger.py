@@ -130,14 +130,20 @@ def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_mode
                               "batch_size": 4, "endpoint": {"base_url": url, "concurrency": 2}}],
                 "prompts": {"path": str(EXAMPLES / "prompts.jsonl"), "limit": 5},
                 "decoding": {"max_new_tokens": 5}})
-            return generate(cfg), DatasetStore(cfg.dataset_dir).read().to_pylist()
+            return generate(cfg), DatasetStore(cfg.dataset_dir).read().to_pylist(), cfg
 
-        first, rows1 = run("ledger-a")
+        first, rows1, cfg1 = run("ledger-a")
         asked = ray.get(server.info.remote())["requests"]
-        second, rows2 = run("ledger-b")
+        second, rows2, cfg2 = run("ledger-b")
         assert first.ok_rows == second.ok_rows == 5 and asked == 5
         assert ray.get(server.info.remote())["requests"] == asked        # zero requests: zero teacher tokens
         assert sorted(r["text"] for r in rows1) == sorted(r["text"] for r in rows2)
         assert {r["replica"] for r in rows2} == {"ledger"}                # each row says the ledger answered it
+        # the replicas' counters are on record for `backpack status` and the report
+        from backpack.ops import format_status, replicas_of, status
+
+        assert replicas_of(cfg1)["api/0"] == {"backend": "openai", "requests": 5}
+        assert replicas_of(cfg2)["api/0"] | {"ledger_hits": 5} == replicas_of(cfg2)["api/0"]
+        assert "openai: ledger_hits 5" in format_status(status(cfg2))
     finally:
         ray.kill(server)

@@ -124,8 +124,11 @@ def test_report_files(tmp_path):
               "params": 1e6, "gen_tokens_per_s": 11.0, "samples": [{"prompt": "p", "teacher": "t", "student": "s"}]}]
     training = [{"step": s, "loss": 3 - s / 10, "ce": 3 - s / 10, "kd": 0.0} for s in range(1, 11)]
     incidents = [{"time": 0.0, "replica": "api/0", "what": "could not start: TeacherError: key not set"}]
-    write_report(tmp_path, "demo", evals, training, {"train_seconds": 12.5, "incidents": incidents})
+    replicas = {"api/0": {"backend": "openai", "requests": 7, "retries": 2, "rate_limited_s": 1.5}}
+    write_report(tmp_path, "demo", evals, training, {"train_seconds": 12.5, "incidents": incidents,
+                                                     "replicas": replicas})
     md = (tmp_path / "report.md").read_text()
+    assert "- api/0 (openai: requests 7, retries 2, rate_limited_s 1.5)" in md
     assert "## Teacher incidents" in md and "api/0: could not start: TeacherError: key not set" in md
     assert "| 1 | 10 | 1.500 | 4.50 | 30.0 | — | 1.0 | 11.0 |" in md and "NLL 2.000 → 1.500" in md
     assert json.loads((tmp_path / "report.json").read_text())["versions"][1]["chrf"] == 30.0

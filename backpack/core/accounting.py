@@ -86,3 +86,29 @@ def format_incidents(incidents: list[dict]) -> list[str]:
 
     return [f"- {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(i['time']))} {i['replica']}: {i['what'][:400]}"
             for i in incidents]
+
+
+# ---------------------------------------------------------------- replica counters: retries, rate limits, ledger
+
+REPLICAS = "teachers/replicas.json"  # in the run's files: each replica's counters at the end of the last run
+# Counters a replica's info() may carry (by backend and wrappers) worth showing: openai requests, retries,
+# failures and seconds waited on its rate limits; ledger hits and waits; dynamic batching's calls and batches.
+COUNTERS = ("requests", "retries", "failed", "rate_limited_s", "ledger_hits", "ledger_waits", "tokens_saved",
+            "batched_calls", "model_batches")
+
+
+def replica_counters(infos: dict[str, dict]) -> dict[str, dict]:
+    """replica -> {backend, counters present and non-zero} from each replica's info() (pure)."""
+    return {name: {"backend": info.get("backend"),
+                   **{k: info[k] for k in COUNTERS if isinstance(info.get(k), (int, float)) and info[k]}}
+            for name, info in infos.items()}
+
+
+def format_replicas(counters: dict[str, dict]) -> list[tuple[str, str]]:
+    """(replica, 'backend: retries 3, rate_limited_s 1.2, ...') for each replica that counted something."""
+    out = []
+    for name, c in sorted(counters.items()):
+        shown = [f"{k} {c[k]:g}" for k in COUNTERS if k in c]
+        if shown:
+            out.append((name, f"{c.get('backend')}: {', '.join(shown)}"))
+    return out

@@ -40,6 +40,12 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
         from backpack.core.accounting import format_usage
 
         lines += ["", "## Teachers", ""] + format_usage(extra["teachers"])
+    if extra.get("replicas"):
+        from backpack.core.accounting import format_replicas
+
+        counted = format_replicas(extra["replicas"])
+        if counted:
+            lines += ["", "## Teacher replicas", ""] + [f"- {name} ({text})" for name, text in counted]
     if extra.get("incidents"):
         from backpack.core.accounting import format_incidents
 
