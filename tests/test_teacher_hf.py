@@ -91,3 +91,47 @@ def test_missing_models_are_clear(tmp_path):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
         resolve_model("no-such-org/no-such-model")
+
+
+PROMPTS = ["What is the capital of France?", "Say hi.", "Write two sentences about rivers and lakes.", "Name a fruit."]
+
+
+def _both_ways(teacher, p: DecodingParams, seed=None):
+    """decode_batch and transformers' generate on the same left-padded batch."""
+    import torch
+
+    from backpack.teachers.decode import decode_batch, generate_batch
+
+    ids = [teacher._encode(Query(messages=[{"role": "user", "content": x}], decoding=p)) for x in PROMPTS]
+    width, pad = max(map(len, ids)), teacher.tokenizer.pad_token_id
+    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    m = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    with torch.inference_mode():
+        if seed is not None:
+            torch.manual_seed(seed)
+        ours = decode_batch(teacher.model, x, m, p, teacher.stop_ids)
+        theirs = generate_batch(teacher.model, x, m, p, teacher.stop_ids, pad)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+def test_row_dropping_decode_matches_generate_token_for_token(smol, repetition_penalty):
+    """Our loop (rows leave the batch when they stop) gives transformers' greedy answers exactly, with the same
+    raw logprobs; some rows stop long before others, so rows really are dropped mid-batch."""
+    assert smol.row_dropping
+    ours, theirs = _both_ways(smol, DecodingParams(max_new_tokens=40, logprobs=3,
+                                                   repetition_penalty=repetition_penalty))
+    assert ours.tokens == theirs.tokens and ours.stopped == theirs.stopped
+    assert any(ours.stopped) and len({len(t) for t in ours.tokens}) > 1
+    for a, b in zip(ours.chosen, theirs.chosen):
+        assert a == pytest.approx(b, abs=2e-3)
+    assert [[ids[0] for ids in row] for row in ours.top_ids] == [[ids[0] for ids in row] for row in theirs.top_ids]
+
+
+def test_row_dropping_decode_samples_n_per_prompt_reproducibly(smol):
+    p = DecodingParams(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, n=2, logprobs=2)
+    first, _ = _both_ways(smol, p, seed=7)
+    again, _ = _both_ways(smol, p, seed=7)
+    assert len(first.tokens) == 2 * len(PROMPTS) and first.tokens == again.tokens
+    assert first.tokens[0] != first.tokens[1] or first.tokens[2] != first.tokens[3]  # two draws per prompt
+    assert all(len(c) == len(t) for c, t in zip(first.chosen, first.tokens))

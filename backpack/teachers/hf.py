@@ -19,6 +19,7 @@ from backpack.core.recall import with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
+from backpack.teachers.decode import decode_batch, generate_batch, supports
 from backpack.teachers.loader import ResolvedModel, resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,6 +80,7 @@ class HFTeacher:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {int(i) for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        self.row_dropping = supports(self.model)  # else transformers' generate (teachers/decode.py)
 
     def info(self) -> dict:
         return {"teacher": self.name, "replica": self.replica, "backend": "hf", "model": self.resolved.source,
@@ -138,49 +140,23 @@ class HFTeacher:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        kwargs = dict(max_new_tokens=p.max_new_tokens, num_return_sequences=p.n, pad_token_id=pad,
-                      repetition_penalty=p.repetition_penalty, return_dict_in_generate=True,
-                      output_logits=p.logprobs > 0)
-        if p.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        else:
-            kwargs.update(do_sample=True, temperature=p.temperature, top_k=p.top_k or None, top_p=p.top_p)
-            if p.seed is not None:
-                torch.manual_seed(p.seed)
+        if p.seed is not None and not p.greedy:
+            torch.manual_seed(p.seed)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+            if self.row_dropping:  # our loop: a row that stopped costs nothing more (teachers/decode.py)
+                d = decode_batch(self.model, input_ids, attention, p, self.stop_ids)
+            else:
+                d = generate_batch(self.model, input_ids, attention, p, self.stop_ids, pad)
         latency = time.perf_counter() - t0
-        new = out.sequences[:, width:].tolist()
-        top = self._top_logprobs(out.logits, out.sequences[:, width:], p.logprobs) if p.logprobs else None
         completions = []
-        for row, tokens in enumerate(new):
+        for row, tokens in enumerate(d.tokens):
             q = group[row // p.n]
-            end, finish = len(tokens), LENGTH
-            for j, t in enumerate(tokens):
-                if t in self.stop_ids:
-                    end, finish = j, STOP
-                    break
-            tokens = tokens[:end]
             c = Completion(query_id=q.id, teacher=self.name, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                           token_ids=tokens, finish_reason=finish, sample_index=row % p.n, replica=self.replica,
-                           model_fingerprint=self.resolved.fingerprint, prompt_tokens=len(ids[row // p.n]),
-                           latency_s=latency)
-            if top is not None:
-                chosen, top_ids, top_lp = top
-                c.token_logprobs = chosen[row][:end]
-                c.top_ids = top_ids[row][:end]
-                c.top_logprobs = top_lp[row][:end]
+                           token_ids=tokens, finish_reason=STOP if d.stopped[row] else LENGTH,
+                           sample_index=row % p.n, replica=self.replica, model_fingerprint=self.resolved.fingerprint,
+                           prompt_tokens=len(ids[row // p.n]), latency_s=latency)
+            if d.chosen is not None:
+                c.token_logprobs, c.top_ids, c.top_logprobs = d.chosen[row], d.top_ids[row], d.top_logprobs[row]
             completions.append(c)
         return completions
-
-    @staticmethod
-    def _top_logprobs(logits: tuple, new_tokens: torch.Tensor, k: int):
-        """From the raw (unprocessed) logits of each step: the chosen token's logprob and the top-k ids and
-        logprobs, as nested lists [row][step] and [row][step][k]. Raw logits, so the distribution is the model's
-        own at temperature 1, whatever decoding was used to pick the token."""
-        steps = torch.stack(logits, dim=1).float()            # [rows, steps, vocab]
-        logp = torch.log_softmax(steps, dim=-1)
-        chosen = logp.gather(-1, new_tokens[:, : logp.shape[1]].unsqueeze(-1)).squeeze(-1)
-        top_lp, top_ids = logp.topk(k, dim=-1)
-        return chosen.tolist(), top_ids.tolist(), top_lp.tolist()
