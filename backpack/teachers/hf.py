@@ -152,8 +152,8 @@ class HFTeacher:
         completions = []
         for row, tokens in enumerate(d.tokens):
             q = group[row // p.n]
-            c = Completion(query_id=q.id, teacher=self.name, text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                           token_ids=tokens, finish_reason=STOP if d.stopped[row] else LENGTH,
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            c = Completion(query_id=q.id, teacher=self.name, text=text, token_ids=tokens, finish_reason=STOP if d.stopped[row] else LENGTH,
                            sample_index=row % p.n, replica=self.replica, model_fingerprint=self.resolved.fingerprint,
                            prompt_tokens=len(ids[row // p.n]), latency_s=latency)
             if d.chosen is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import pyarrow as pa
 
@@ -63,6 +64,18 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, on_gpu: bool) -> dict:
     return {**kw, **v.engine_args}
 
 
+def engine_env(cfg: TeacherConfig, allowed: Optional[list[int]] = None) -> dict[str, str]:
+    """Environment the engine reads at start: the CPU build's OpenMP core binding, by default the first
+    `threads` cores this process may run on (vLLM's own "auto" keeps a core back: one of two, on a laptop)."""
+    v = cfg.vllm or VLLMConfig()
+    if v.cpu_threads_bind:
+        return {"VLLM_CPU_OMP_THREADS_BIND": v.cpu_threads_bind}
+    if allowed is None:
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            list(range(os.cpu_count() or 1))
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in allowed[:cfg.threads])}
+
+
 def split_logprobs(positions, token_ids: list[int], k: int):
     """vLLM's per-token logprob dicts (token id -> Logprob with .logprob and .rank; the top k plus the chosen
     token) -> (chosen logprobs, top-k ids, top-k logprobs), the row's three lists (pure)."""
@@ -88,9 +101,7 @@ class VLLMTeacher:
         on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
         if cfg.device == "cuda" and not on_gpu:
             raise TeacherError(self.replica, "device 'cuda' was asked for but torch sees no GPU here")
-        v = cfg.vllm or VLLMConfig()
-        # Read by vLLM when the engine starts, so set before it does.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", v.cpu_threads_bind)
+        os.environ.update(engine_env(cfg))  # read by vLLM when the engine starts, so set before it does
         torch.set_num_threads(cfg.threads)
         self.resolved = resolve_model(cfg.model, cache)  # a GGUF is converted (once) to safetensors vLLM can load
         from vllm import LLM
