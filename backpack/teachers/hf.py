@@ -153,8 +153,9 @@ class HFTeacher:
         for row, tokens in enumerate(d.tokens):
             q = group[row // p.n]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            c = Completion(query_id=q.id, teacher=self.name, text=text, token_ids=tokens, finish_reason=STOP if d.stopped[row] else LENGTH,
-                           sample_index=row % p.n, replica=self.replica, model_fingerprint=self.resolved.fingerprint,
+            c = Completion(query_id=q.id, teacher=self.name, text=text, token_ids=tokens,
+                           finish_reason=STOP if d.stopped[row] else LENGTH, sample_index=row % p.n,
+                           replica=self.replica, model_fingerprint=self.resolved.fingerprint,
                            prompt_tokens=len(ids[row // p.n]), latency_s=latency)
             if d.chosen is not None:
                 c.token_logprobs, c.top_ids, c.top_logprobs = d.chosen[row], d.top_ids[row], d.top_logprobs[row]
