@@ -82,9 +82,10 @@ def shipped_recaller(redis_url, count, budget=256, max_items=3):
     return Recaller(store, budget, count, max_items)
 
 
-def test_recall_brings_the_answering_passage_first_for_most_shipped_questions(redis_server, count):
+@pytest.mark.parametrize("questions", [QUESTIONS, QUESTIONS.with_name("questions-48.jsonl")])
+def test_recall_brings_the_answering_passage_first_for_most_shipped_questions(redis_server, count, questions):
     recaller = shipped_recaller(redis_server.url, count)
-    labelled = [q for q in load_questions(QUESTIONS) if q.passage]
+    labelled = [q for q in load_questions(questions) if q.passage]
     assert len(labelled) >= 20
     first = [recaller.recall(q.task, q.question)[0].passage_ids[:1] for q in labelled]
     hits = sum(f == [q.passage] for f, q in zip(first, labelled))
@@ -167,6 +168,8 @@ def test_questions_file_problems_are_listed(tmp_path):
     assert f"{bad}:2: not JSON" in msg and f"{bad}:3: 'question'" in msg and f"{bad}:4: 'facts'" in msg
     assert "unknown field(s) ['colour']" in msg
     assert len(load_questions(QUESTIONS)) == 24
+    more = load_questions(QUESTIONS.with_name("questions-48.jsonl"))  # the same 24 first, then 24 more
+    assert len(more) == 48 and [q.id for q in more[:24]] == [q.id for q in load_questions(QUESTIONS)]
     with pytest.raises(InputError, match="questions file not found"):
         load_questions(tmp_path / "none.jsonl")
 
