@@ -1,7 +1,7 @@
 """Context distillation on the shipped knowledge pack: does the student carry the knowledge without the context?
 
     .venv/bin/python benchmarks/context_distillation.py [--config examples/mental.yaml]
-        [--questions examples/mental/questions.jsonl] [key=value ...]
+        [--questions examples/mental/questions-48.jsonl] [key=value ...]
 
 A fresh run of the config (in a temporary storage folder, removed at exit unless `--keep`, or in
 `storage.path=...` when given: a run's checkpoints take gigabytes): the teacher
@@ -31,7 +31,7 @@ GOAL = 0.70
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "examples" / "mental.yaml"))
-    ap.add_argument("--questions", default=str(REPO / "examples" / "mental" / "questions.jsonl"))
+    ap.add_argument("--questions", default=str(REPO / "examples" / "mental" / "questions-48.jsonl"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary run folder (checkpoints, answers)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. training.max_steps=80")
     args = ap.parse_args()
