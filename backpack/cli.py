@@ -394,14 +394,30 @@ def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis
     raise KeyboardInterrupt
 
 
+_SWITCHES = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
+_VALUED = {"--version", "--questions", "--id", "--passage", "--question", "--answer", "--persona", "--task",
+           "--rows", "--format", "--out"}                         # flags followed by their value
+
+
 def _flags_last(argv: list[str]) -> list[str]:
-    """The subcommand's flags moved after its positionals: argparse cannot fill `overrides` (nargs="*") once
-    a flag has come between them and the config (`run CONFIG --continual key=value` would fail)."""
+    """The subcommand's flags (with their values) moved after its positionals: argparse cannot fill
+    `overrides` (nargs="*") once a flag has come between them and the config (`run CONFIG --continual
+    key=value` or `eval CONFIG --questions FILE key=value` would fail)."""
     if not argv or argv[0].startswith("-"):
         return argv
-    switches = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
-    rest = argv[1:]
-    return [argv[0]] + [a for a in rest if a not in switches] + [a for a in rest if a in switches]
+    positionals, flags, rest = [argv[0]], [], argv[1:]
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        if a in _SWITCHES or ("=" in a and a.split("=", 1)[0] in _VALUED):
+            flags.append(a)
+        elif a in _VALUED:
+            flags += rest[i:i + 2]
+            i += 1
+        else:
+            positionals.append(a)
+        i += 1
+    return positionals + flags
 
 
 def cmd_mental(args) -> int:

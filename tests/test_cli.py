@@ -136,3 +136,14 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
                    f"storage.path={tmp_path}", timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot reach the Ray cluster at '127.0.0.1:1'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_flags_may_come_between_the_config_and_its_overrides():
+    from backpack.cli import _flags_last, build_parser
+
+    parse = lambda *a: build_parser().parse_args(_flags_last(list(a)))  # noqa: E731
+    ev = parse("eval", "c.yaml", "--questions", "q.jsonl", "storage.path=/x", "--version=3", "-q", "name=y")
+    assert (ev.config, ev.questions, ev.version, ev.quiet, ev.overrides) == ("c.yaml", "q.jsonl", 3, True,
+                                                                             ["storage.path=/x", "name=y"])
+    run = parse("run", "c.yaml", "--continual", "teachers.0.replicas=2")
+    assert run.continual and run.overrides == ["teachers.0.replicas=2"]
