@@ -248,6 +248,7 @@ class ContinualRun:
         import ray
 
         from backpack.actors import spawn_teacher
+        from backpack.pool import kill_actor
 
         try:
             dead = set(ray.get(self.scheduler.dead_replicas.remote(), timeout=10))
@@ -258,10 +259,7 @@ class ContinualRun:
                 continue
             cfg = next(t for t in self.cfg.teachers if t.name == replica.teacher)
             self.rep.stage(f"teacher replica {replica.name} died: starting it again")
-            try:
-                ray.kill(replica.actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+            kill_actor(replica.actor)
             actor = spawn_teacher(cfg, replica.name, ledger=self.pool.ledger_for(cfg))
             try:
                 ray.get(actor.ready.remote(), timeout=RESPAWN_TIMEOUT_S)
@@ -319,16 +317,15 @@ class ContinualRun:
     def _watch_server(self) -> None:
         import ray
 
+        from backpack.pool import kill_actor
+
         try:
             info = ray.get(self.server.info.remote(), timeout=30)
         except ray.exceptions.GetTimeoutError:
             return  # busy loading a version: alive
         except ray.exceptions.RayError:
             self.rep.stage("the student server died: starting it again")
-            try:
-                ray.kill(self.server, no_restart=True)  # an unreachable but live server still holds the port
-            except Exception:
-                pass
+            kill_actor(self.server)  # an unreachable but live server still holds the port
             self._restart("server")
             try:
                 self._start_server()

@@ -47,7 +47,8 @@ def _cause(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _kill(actor) -> None:
+def kill_actor(actor) -> None:
+    """Kill a Ray actor for good; one already dead is fine."""
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # already dead
@@ -144,7 +145,7 @@ class TeacherPool:
             raise TeacherError(first, self.not_started[first])
         for r in self.replicas:
             if r.name in self.not_started:
-                _kill(r.actor)
+                kill_actor(r.actor)
         self.replicas = [r for r in self.replicas if r.name not in self.not_started]
         self.infos = [infos[r.name] for r in self.replicas]
         return self.infos
@@ -165,7 +166,7 @@ class TeacherPool:
 
     def shutdown(self) -> None:
         for r in self.replicas:
-            _kill(r.actor)
+            kill_actor(r.actor)
         self.replicas = []
         for pg in self.placement_groups:
             try:
