@@ -96,7 +96,7 @@ def test_missing_models_are_clear(tmp_path):
 PROMPTS = ["What is the capital of France?", "Say hi.", "Write two sentences about rivers and lakes.", "Name a fruit."]
 
 
-def _both_ways(teacher, p: DecodingParams, seed=None):
+def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8):
     """decode_batch and transformers' generate on the same left-padded batch."""
     import torch
 
@@ -109,18 +109,19 @@ def _both_ways(teacher, p: DecodingParams, seed=None):
     with torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
-        ours = decode_batch(teacher.model, x, m, p, teacher.stop_ids)
+        ours = decode_batch(teacher.model, x, m, p, teacher.stop_ids, prefill_rows=prefill_rows)
         theirs = generate_batch(teacher.model, x, m, p, teacher.stop_ids, pad)
     return ours, theirs
 
 
-@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
-def test_row_dropping_decode_matches_generate_token_for_token(smol, repetition_penalty):
+@pytest.mark.parametrize("repetition_penalty,prefill_rows", [(1.0, 2), (1.3, 8)])
+def test_row_dropping_decode_matches_generate_token_for_token(smol, repetition_penalty, prefill_rows):
     """Our loop (rows leave the batch when they stop) gives transformers' greedy answers exactly, with the same
-    raw logprobs; some rows stop long before others, so rows really are dropped mid-batch."""
+    raw logprobs; some rows stop long before others, so rows really are dropped mid-batch. With prefill_rows=2 the
+    prompts (of unsorted lengths) are prefilled in two groups of their own widths whose caches are joined."""
     assert smol.row_dropping
     ours, theirs = _both_ways(smol, DecodingParams(max_new_tokens=40, logprobs=3,
-                                                   repetition_penalty=repetition_penalty))
+                                                   repetition_penalty=repetition_penalty), prefill_rows=prefill_rows)
     assert ours.tokens == theirs.tokens and ours.stopped == theirs.stopped
     assert any(ours.stopped) and len({len(t) for t in ours.tokens}) > 1
     for a, b in zip(ours.chosen, theirs.chosen):
@@ -135,3 +136,24 @@ def test_row_dropping_decode_samples_n_per_prompt_reproducibly(smol):
     assert len(first.tokens) == 2 * len(PROMPTS) and first.tokens == again.tokens
     assert first.tokens[0] != first.tokens[1] or first.tokens[2] != first.tokens[3]  # two draws per prompt
     assert all(len(c) == len(t) for c, t in zip(first.chosen, first.tokens))
+
+
+def test_row_dropping_decode_of_a_sliding_window_model_matches_generate():
+    """A sliding-window model (Qwen2, window 4, prompts longer than that) decodes exactly as generate does: our
+    joined full-length cache still attends within the window (the masks do it)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from backpack.teachers.decode import decode_batch, generate_batch
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    x = torch.tensor([[0, 0, 5, 6, 7, 2, 3], [8, 9, 10, 11, 12, 2, 3], [0, 13, 14, 15, 16, 2, 3]])
+    m = (x != 0).long()
+    p = DecodingParams(max_new_tokens=12)
+    with torch.inference_mode():
+        ours = decode_batch(model, x, m, p, {1}, prefill_rows=1)
+        theirs = generate_batch(model, x, m, p, {1}, 0)
+    assert ours.tokens == theirs.tokens and all(len(t) == 12 for t in ours.tokens)
