@@ -129,7 +129,7 @@ def _prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, positions:
     for i, first in enumerate(cache.layers):
         buffers = []
         for which in ("keys", "values"):
-            b, heads, _, dim = getattr(first, which).shape
+            _, heads, _, dim = getattr(first, which).shape
             buf = getattr(first, which).new_zeros(rows, heads, capacity, dim)  # zeros: padding must not be NaN
             for part, w, c, _ in groups:
                 buf[part, :, width - w:width] = getattr(c.layers[i], which)
