@@ -175,7 +175,7 @@ def decode_batch(model, input_ids: torch.Tensor, attention: torch.Tensor, p: Dec
                   top_ids=[[] for _ in range(rows)] if p.logprobs else [],
                   top_logprobs=[[] for _ in range(rows)] if p.logprobs else [])
     # The batch runs in prompt-length order (prefill groups of similar length); `alive` maps back to the rows.
-    order = sorted(range(rows), key=lambda r: int(attention[r].sum()))
+    order = attention.sum(-1).argsort(stable=True).tolist()  # one reduction, not one per row
     input_ids, attention = input_ids[order], attention[order]
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     with _cpu_attention(model):
