@@ -20,7 +20,7 @@ from backpack.mental.recall import Recaller, TokenCounter
 from backpack.mental.setup import check_budget
 from backpack.mental.store import MentalStore, UnknownTaskError
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_main
 
 PACK = EXAMPLES / "mental" / "pellucid.yaml"
 QUESTIONS = EXAMPLES / "mental" / "questions.jsonl"
@@ -215,7 +215,7 @@ def mental_config(tmp_path, **mental):
     return cfg, data
 
 
-def test_bad_packs_are_one_clear_message(tmp_path, smol_dir):
+def test_bad_packs_are_one_clear_message(tmp_path, smol_dir, capsys):
     from test_cli import assert_clear_error
 
     empty = tmp_path / "empty.yaml"
@@ -230,44 +230,44 @@ def test_bad_packs_are_one_clear_message(tmp_path, smol_dir):
                            (broken, "not valid YAML"), (tmp_path / "none.yaml", "knowledge pack not found"),
                            (lines, "line 2: a record holds a persona"), (lines, "line 3: not JSON")):
         cfg, _ = mental_config(tmp_path, path=str(pack))
-        assert_clear_error(run_cli("validate", str(cfg)), "mental.path", fragment)
+        assert_clear_error(run_main(capsys, "validate", str(cfg)), "mental.path", fragment)
     cfg, _ = mental_config(tmp_path, budget=16)
-    assert_clear_error(run_cli("mental", "import", str(cfg), str(PACK)), "larger than the recall budget of 16")
-    assert_clear_error(run_cli("generate", str(cfg)), "larger than the recall budget of 16")
+    assert_clear_error(run_main(capsys, "mental", "import", str(cfg), str(PACK)), "larger than the recall budget of 16")
+    assert_clear_error(run_main(capsys, "generate", str(cfg)), "larger than the recall budget of 16")
     # prompts whose tasks have no knowledge at all: a mistyped task name, refused before any teacher loads
     cfg, _ = mental_config(tmp_path)
-    assert_clear_error(run_cli("generate", str(cfg), f"prompts.path={EXAMPLES / 'prompts.jsonl'}"),
+    assert_clear_error(run_main(capsys, "generate", str(cfg), f"prompts.path={EXAMPLES / 'prompts.jsonl'}"),
                        "no prompt's task has knowledge", "'general'", "['pellucid']")
-    assert_clear_error(run_cli("eval", str(cfg), "--questions", str(tmp_path / "none.jsonl")),
+    assert_clear_error(run_main(capsys, "eval", str(cfg), "--questions", str(tmp_path / "none.jsonl")),
                        "questions file not found")
     other = tmp_path / "other.jsonl"
     other.write_text('{"task": "pelucid", "question": "Who founded it?", "facts": ["Malvik"]}\n')
-    assert_clear_error(run_cli("eval", str(cfg), "--questions", str(other)),
+    assert_clear_error(run_main(capsys, "eval", str(cfg), "--questions", str(other)),
                        "questions name task(s) ['pelucid'] that have no knowledge")
-    assert_clear_error(run_cli("mental", "import", str(cfg), str(dup)), "invalid knowledge pack",
+    assert_clear_error(run_main(capsys, "mental", "import", str(cfg), str(dup)), "invalid knowledge pack",
                        "duplicate id 'x'")
 
 
-def test_mental_commands_import_show_add_export(tmp_path, smol_dir):
+def test_mental_commands_import_show_add_export(tmp_path, smol_dir, capsys):
     cfg, _ = mental_config(tmp_path)
-    out = run_cli("mental", "import", str(cfg), str(PACK))
+    out = run_main(capsys, "mental", "import", str(cfg), str(PACK))
     assert out.returncode == 0 and "task pellucid: version 1" in out.stdout, out.stderr
-    assert "unchanged" in run_cli("mental", "import", str(cfg), str(PACK)).stdout
-    add = run_cli("mental", "add", str(cfg), "pellucid", "--id", "gift", "--passage",
+    assert "unchanged" in run_main(capsys, "mental", "import", str(cfg), str(PACK)).stdout
+    add = run_main(capsys, "mental", "add", str(cfg), "pellucid", "--id", "gift", "--passage",
                   "Pellucid gift cards are sold in steps of 25 euros.")
     assert add.returncode == 0 and "version 2" in add.stdout, add.stderr
-    shown = json.loads(run_cli("mental", "show", str(cfg), "pellucid", "--json").stdout)
+    shown = json.loads(run_main(capsys, "mental", "show", str(cfg), "pellucid", "--json").stdout)
     assert shown["version"] == 2 and shown["passages"][-1]["id"] == "gift" and len(shown["history"]) == 2
-    assert run_cli("mental", "show", str(cfg)).stdout.strip() == "pellucid: version 2"
+    assert run_main(capsys, "mental", "show", str(cfg)).stdout.strip() == "pellucid: version 2"
     from test_cli import assert_clear_error
 
-    assert_clear_error(run_cli("mental", "show", str(cfg), "pelucid"), "no knowledge for task 'pelucid'",
+    assert_clear_error(run_main(capsys, "mental", "show", str(cfg), "pelucid"), "no knowledge for task 'pelucid'",
                        "pellucid")
-    assert_clear_error(run_cli("mental", "add", str(cfg), "pellucid", "--id", "gift", "--passage", "x"),
+    assert_clear_error(run_main(capsys, "mental", "add", str(cfg), "pellucid", "--id", "gift", "--passage", "x"),
                        "already has an item with id 'gift'")
     for suffix in (".yaml", ".json", ".jsonl"):  # every export form reads back as the same knowledge
         exported = tmp_path / f"out{suffix}"
-        assert run_cli("mental", "export", str(cfg), str(exported)).returncode == 0
+        assert run_main(capsys, "mental", "export", str(cfg), str(exported)).returncode == 0
         again = load_pack(exported).tasks["pellucid"]
         assert again.passages[-1].text.startswith("Pellucid gift cards") and again.model_dump() == {
             k: v for k, v in shown.items() if k in ("persona", "passages", "experiences")}

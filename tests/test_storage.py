@@ -10,7 +10,7 @@ from backpack.distill import evaluate, latest_checkpoint, train
 from backpack.pipeline import generate
 from backpack.runtime.storage import RunFiles, join_uri, local_folder, sibling
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_main
 
 
 def test_uri_paths_keep_their_options():
@@ -47,7 +47,7 @@ def test_run_files_on_s3(s3, tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_distillation_with_its_files_in_an_object_store(ray_session, smol_dir, tiny_model_dir, tmp_path, s3,
-                                                         monkeypatch):
+                                                         monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (a folder named "s3:" was the bug)
     monkeypatch.setenv("BACKPACK_CACHE", str(tmp_path / "cache"))
     data = {
@@ -88,7 +88,7 @@ def test_distillation_with_its_files_in_an_object_store(ray_session, smol_dir, t
 
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(json.dumps(data))
-    status = run_cli("status", str(cfg_file), "--json")
+    status = run_main(capsys, "status", str(cfg_file), "--json")
     assert status.returncode == 0, status.stderr
     s = json.loads(status.stdout)
     assert s["run_dir"] == files.uri() and s["trainer"]["step"] == 4 and s["dataset"]["rows"] == 12

@@ -1,4 +1,4 @@
-"""The student trainer on Ray Train: 2 workers, checkpoints, a worker crash resumed, a rerun resumed."""
+"""The student trainer on Ray Train: 2 workers, checkpoints, a worker crash resumed from the last checkpoint."""
 
 import json
 
@@ -34,7 +34,7 @@ def store(tiny_model_dir, tmp_path_factory):
     return s
 
 
-def test_two_workers_crash_resume_and_rerun(ray_session, store, tiny_model_dir, tmp_path):
+def test_two_workers_checkpoint_and_resume_after_a_crash(ray_session, store, tiny_model_dir, tmp_path):
     student = StudentConfig(base=tiny_model_dir, mode="full")
     training = TrainingConfig(num_workers=2, cpus_per_worker=0.5, batch_size=2, max_steps=6, checkpoint_every=2,
                               log_every=1, lr=1e-3, kd_weight=0.5, top_k=4, max_failures=1)
@@ -57,7 +57,5 @@ def test_two_workers_crash_resume_and_rerun(ray_session, store, tiny_model_dir, 
     before = {n: p.clone() for n, p in fresh.model.named_parameters()}
     checkpoints.load_weights(res.checkpoint, fresh.model)
     assert any(not torch.equal(before[n], p) for n, p in fresh.model.named_parameters())
-    # a rerun continues from the checkpoint to the new step budget
-    more = run_training(store.to_ray_dataset(), student, training.model_copy(update={"max_steps": 8}),
-                        tmp_path / "train", "t", resume_from=res.checkpoint)
-    assert more.step == 8
+    # (a rerun continuing from a checkpoint, resume_from, is tested through `train` in test_distill.py and, with
+    # the checkpoint in a bucket, test_storage.py: one Ray Train run fewer here)

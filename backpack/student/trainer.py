@@ -240,6 +240,14 @@ def _checkpoint_location(files, path: str) -> str:
     return files.uri(path[len(base):]) if path.startswith(base) else path
 
 
+# Ray Train's controller moves a run through its states (workers starting, running, done, shut down) one poll of
+# the worker group at a time, every 2 s by default: 4-5 s of every fit here were spent waiting for the next poll
+# after the loop had ended (measured: a no-op fit 14 s -> 9 s at 0.25 s). A poll is one small actor call per
+# worker. Set in the driver's environment, which Ray Train passes on to its controller; a user's own value wins.
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_POLL_INTERVAL_S = "0.25"
+
+
 def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingConfig, storage,
                 name: str, datasets: Optional[dict] = None) -> TrainResult:
     """Run `loop(config)` on `training.num_workers` Ray Train workers (fractional CPUs each, the allocator
@@ -254,6 +262,7 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
     files = RunFiles.of(storage)
     files.fs.create_dir(files.path(), recursive=True)
     env = worker_env(training.allocator)  # before Ray Train starts: a missing tcmalloc is a clear error
+    os.environ.setdefault(POLL_INTERVAL_ENV, DEFAULT_POLL_INTERVAL_S)
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
