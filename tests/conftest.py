@@ -16,6 +16,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller polls its workers every 0.25 s instead of Backpack's 1 s: each state change of a fit
+# waits for a poll, and the tests run a dozen fits of a few steps each (DEVELOPERS.md, "Ray Train's fixed cost").
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # Credentials for the S3 server the storage tests start (moto accepts any): set before Ray starts, so its
 # workers see them too, as they would see a cluster's own. No metadata-service lookups for credentials.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "backpack-test")
