@@ -57,5 +57,6 @@ def test_two_workers_checkpoint_and_resume_after_a_crash(ray_session, store, tin
     before = {n: p.clone() for n, p in fresh.model.named_parameters()}
     checkpoints.load_weights(res.checkpoint, fresh.model)
     assert any(not torch.equal(before[n], p) for n, p in fresh.model.named_parameters())
-    # (a rerun continuing from a checkpoint, resume_from, is tested through `train` in test_distill.py and, with
-    # the checkpoint in a bucket, test_storage.py: one Ray Train run fewer here)
+    # (a rerun continuing from a checkpoint, resume_from, is tested through `train` with the checkpoint in a
+    # bucket, test_storage.py, and by the continual trainer's second run, test_continual_trainer.py: one Ray
+    # Train run fewer here)
