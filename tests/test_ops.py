@@ -19,7 +19,7 @@ from backpack.runtime.redis_server import RunKeys
 from backpack.student import checkpoints
 from backpack.student.registry import Registry
 
-from conftest import REPO
+from conftest import REPO, run_main
 
 RUN = "ops"
 
@@ -37,9 +37,8 @@ def write_config(tmp_path, redis_url=None) -> str:
 
 def cli(capsys, *args):
     """`backpack ARGS` in-process: (exit status, stdout, stderr)."""
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    done = run_main(capsys, *args)
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_ingest_counts_accepted_duplicates_and_rejected(redis_server, tmp_path, capsys):
