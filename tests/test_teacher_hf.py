@@ -96,7 +96,7 @@ def test_missing_models_are_clear(tmp_path):
 PROMPTS = ["What is the capital of France?", "Say hi.", "Write two sentences about rivers and lakes.", "Name a fruit."]
 
 
-def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8):
+def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8, share_prefix: bool = True):
     """decode_batch and transformers' generate on the same left-padded batch."""
     import torch
 
@@ -109,7 +109,7 @@ def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8):
     with torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
-        ours = decode_batch(teacher.model, x, m, p, teacher.stop_ids, prefill_rows=prefill_rows)
+        ours = decode_batch(teacher.model, x, m, p, teacher.stop_ids, prefill_rows, share_prefix)
         theirs = generate_batch(teacher.model, x, m, p, teacher.stop_ids, pad)
     return ours, theirs
 
@@ -127,6 +127,41 @@ def test_row_dropping_decode_matches_generate_token_for_token(smol, repetition_p
     for a, b in zip(ours.chosen, theirs.chosen):
         assert a == pytest.approx(b, abs=2e-3)
     assert [[ids[0] for ids in row] for row in ours.top_ids] == [[ids[0] for ids in row] for row in theirs.top_ids]
+
+
+def test_a_prompt_prefix_shared_by_a_prefill_group_is_forwarded_once(smol):
+    """The prompts all begin with the chat template's default system prompt: decode_batch forwards it once per
+    prefill group instead of once per prompt, and answers exactly as it does when every prompt is forwarded
+    whole (and as `generate` does, tested above)."""
+    import backpack.teachers.decode as decode
+
+    positions = []
+    hook = smol.model.register_forward_pre_hook(lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()),
+                                                with_kwargs=True)
+    p = DecodingParams(max_new_tokens=12, logprobs=2)
+    try:
+        shared, _ = _both_ways(smol, p, prefill_rows=4)
+        with_sharing, positions[:] = sum(positions), []
+        whole, _ = _both_ways(smol, p, prefill_rows=4, share_prefix=False)
+        without = sum(positions)
+    finally:
+        hook.remove()
+    # generate's positions are in both sums alike; the prefix (24 tokens) is forwarded once, not 4 times
+    assert without - with_sharing >= 3 * decode.MIN_SHARED_PREFIX
+    assert shared.tokens == whole.tokens and shared.stopped == whole.stopped
+    for a, b in zip(shared.chosen, whole.chosen):
+        assert a == pytest.approx(b, abs=2e-3)
+
+
+def test_sliding_window_models_are_told_apart():
+    """A sliding window counts cache columns, so those models keep plain left padding (no shared prefix)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from backpack.teachers.decode import _windowed
+
+    assert not _windowed(LlamaConfig())
+    assert not _windowed(Qwen2Config(use_sliding_window=False))
+    assert _windowed(Qwen2Config(use_sliding_window=True, sliding_window=4, max_window_layers=0))
 
 
 def test_row_dropping_decode_samples_n_per_prompt_reproducibly(smol):
