@@ -135,7 +135,7 @@ def _windowed(config) -> bool:
             or (bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)))
 
 
-def _forward_group(model, tokens: list[list[int]], pad: int, share: bool, device):
+def _forward_group(model, tokens: list[list[int]], share: bool, device):
     """Prefill one group's prompts (their real tokens) into a DynamicCache of the group's width w, laid out as
     [shared prefix | left padding | each row's own tokens]. Returns (cache, last-position logits, attention
     [rows, w] of that layout). Without a shared prefix this is one forward of the left-padded prompts."""
@@ -150,7 +150,7 @@ def _forward_group(model, tokens: list[list[int]], pad: int, share: bool, device
               use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(rows)
     own = w - shared
-    ids = torch.full((rows, own), pad, dtype=torch.long)
+    ids = torch.zeros(rows, own, dtype=torch.long)  # padding: any id does, it is masked
     attention = torch.zeros(rows, w, dtype=torch.long)
     attention[:, :shared] = 1
     positions = torch.zeros(rows, own, dtype=torch.long)
@@ -167,24 +167,21 @@ def _forward_group(model, tokens: list[list[int]], pad: int, share: bool, device
     return out.past_key_values, out.logits[:, -1].float(), attention
 
 
-def _prefill(model, input_ids: torch.Tensor, attention: torch.Tensor, group_rows: int, share_prefix: bool,
+def _prefill(model, prompts: list[list[int]], width: int, device, group_rows: int, share_prefix: bool,
              capacity: int):
-    """Forward the left-padded prompts (sorted so that similar ones are neighbours) in groups of `group_rows`,
+    """Forward the prompts (their tokens, sorted so that similar ones are neighbours) in groups of `group_rows`,
     each group cut to its own width and its shared prefix forwarded once (`_forward_group`), and join the
-    groups' KV caches, left-padded back to the batch width (the padding is masked, as it would have been in one
+    groups' KV caches, left-padded to the batch `width` (the padding is masked, as it would have been in one
     forward), into buffers of `capacity` positions. Returns (cache, last-position logits, the batch's attention
     mask for that layout). Sliding-window layers get a full cache too (a DynamicCache made without the config
     has only plain layers): their masks keep attention within the window."""
-    rows, width = input_ids.shape
-    pad = int(input_ids[0, 0])  # any id: padded positions are masked
+    rows = len(prompts)
     share = share_prefix and not _windowed(model.config)
-    lengths = attention.sum(-1).tolist()
     groups = []
     for start in range(0, rows, group_rows):
         part = slice(start, start + group_rows)
-        tokens = [row[width - n:] for row, n in zip(input_ids[part].tolist(), lengths[part])]
-        groups.append((part, *_forward_group(model, tokens, pad, share, input_ids.device)))
-    laid_out = torch.zeros_like(attention)
+        groups.append((part, *_forward_group(model, prompts[part], share, device)))
+    laid_out = torch.zeros(rows, width, dtype=torch.long, device=device)
     for part, _, _, a in groups:
         laid_out[part, width - a.shape[1]:] = a
     cache = groups[0][1]
@@ -237,31 +234,31 @@ def decode_batch(model, input_ids: torch.Tensor, attention: torch.Tensor, p: Dec
                   chosen=[[] for _ in range(rows)] if p.logprobs else None,
                   top_ids=[[] for _ in range(rows)] if p.logprobs else [],
                   top_logprobs=[[] for _ in range(rows)] if p.logprobs else [])
-    # The batch runs in the order of `_prefill_order`; `alive` maps back to the rows.
-    order = _prefill_order(input_ids, attention)
-    input_ids, attention = input_ids[order], attention[order]
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    # Each row's prompt tokens (its left padding cut off), once; the batch runs in the order of `_prefill_order`
+    # and `alive` maps back to the rows.
+    width = input_ids.shape[1]
+    prompts = [row[width - n:] for row, n in zip(input_ids.tolist(), attention.sum(-1).tolist())]
+    order = _prefill_order(prompts)
     with _cpu_attention(model):
-        return _decode(model, input_ids, attention, positions, p, stop_ids, prefill_rows, share_prefix, order, out)
+        return _decode(model, input_ids[order], [prompts[r] for r in order], p, stop_ids, prefill_rows,
+                       share_prefix, order, out)
 
 
-def _prefill_order(input_ids: torch.Tensor, attention: torch.Tensor) -> list[int]:
+def _prefill_order(prompts: list[list[int]]) -> list[int]:
     """Rows by their first PREFIX_BLOCK tokens where other rows begin the same way (so that prompts sharing a
     prefix are prefilled together), then by prompt length (so that each prefill group is cut to a similar
     width); rows whose first block no other row has sort by length alone."""
-    width = input_ids.shape[1]
-    lengths = attention.sum(-1).tolist()  # one reduction, not one per row
-    blocks = [tuple(row[width - n:][:PREFIX_BLOCK]) for row, n in zip(input_ids.tolist(), lengths)]
+    blocks = [tuple(t[:PREFIX_BLOCK]) for t in prompts]
     counts = Counter(blocks)
-    return sorted(range(len(blocks)), key=lambda r: (blocks[r] if counts[blocks[r]] > 1 else (), lengths[r]))
+    return sorted(range(len(prompts)), key=lambda r: (blocks[r] if counts[blocks[r]] > 1 else (), len(prompts[r])))
 
 
-def _decode(model, input_ids, attention, positions, p: DecodingParams, stop_ids: set[int], prefill_rows: int,
+def _decode(model, input_ids, prompts: list[list[int]], p: DecodingParams, stop_ids: set[int], prefill_rows: int,
             share_prefix: bool, alive: list[int], out: Decoded) -> Decoded:
-    rows = input_ids.shape[0]
-    cache, logits, attention = _prefill(model, input_ids, attention, prefill_rows, share_prefix,
-                                        capacity=input_ids.shape[1] + p.max_new_tokens)
-    position = positions[:, -1:]
+    rows, width = input_ids.shape
+    cache, logits, attention = _prefill(model, prompts, width, input_ids.device, prefill_rows, share_prefix,
+                                        capacity=width + p.max_new_tokens)
+    position = torch.tensor([[len(t) - 1] for t in prompts], device=input_ids.device)  # of each last token
     seen = None
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(rows, logits.shape[-1], dtype=torch.bool).scatter_(1, input_ids, True)
