@@ -192,3 +192,111 @@ def test_row_dropping_decode_of_a_sliding_window_model_matches_generate():
         ours = decode_batch(model, x, m, p, {1}, prefill_rows=1)
         theirs = generate_batch(model, x, m, p, {1}, 0)
     assert ours.tokens == theirs.tokens and all(len(t) == 12 for t in ours.tokens)
+
+
+def test_prepacked_weights_answer_as_the_plain_model(smol):
+    """A teacher loaded from its config has its linear layers prepacked for oneDNN (CPU, float32) and gives the
+    greedy answers of the same model with PyTorch's own matmul, logprobs equal up to float rounding."""
+    from torch import nn
+
+    from backpack.teachers.packed import PackedLinear
+
+    plain = HFTeacher(TeacherConfig(name="plain", threads=2, batch_size=4, prepack_weights=False))
+    assert plain.packed_layers == 0 and smol.packed_layers == 30 * 7 + 1   # q k v o gate up down per layer + lm head
+    assert not any(type(m) is nn.Linear for m in smol.model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in smol.model.modules()) == smol.packed_layers
+    assert smol.info()["packed_layers"] == smol.packed_layers
+    _, packed = ask(smol, PROMPTS, max_new_tokens=24, logprobs=2)
+    _, reference = ask(plain, PROMPTS, max_new_tokens=24, logprobs=2)
+    assert [r["token_ids"] for r in packed] == [r["token_ids"] for r in reference]
+    for a, b in zip(packed, reference):
+        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-3)
+
+
+def test_a_packed_linear_computes_what_the_linear_did():
+    import torch
+    from torch import nn
+
+    from backpack.teachers.packed import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80)
+    packed = PackedLinear(lin)
+    with torch.inference_mode():
+        for x in (torch.randn(5, 48), torch.randn(2, 3, 48), torch.randn(48, 7).t()):  # 2-D, 3-D, not contiguous
+            assert torch.allclose(packed(x), lin(x), atol=1e-5)
+    assert not list(packed.parameters()) and not packed.state_dict()  # inference only: nothing to train or save
+
+    class Scaled(nn.Linear):  # a subclass computes something else: left alone
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Scaled(8, 8))
+    assert pack_linears(model) == 1 and isinstance(model[0], PackedLinear) and type(model[2]) is Scaled
+    half = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    assert pack_linears(half) == 0 and type(half[0]) is nn.Linear  # float32 only
+
+
+@pytest.mark.parametrize("keep,rows", [([0, 2, 5, 6], 7), ([3], 4), ([0, 1, 2], 3), ([1, 2, 4, 7, 8, 9], 10)])
+def test_dropping_rows_moves_only_the_rows_that_must_move(keep, rows):
+    """The decode loop drops stopped rows by moving rows from the tail into their places, in place: the kept rows
+    and their cache columns come out as indexing would give them, in the order `_refill_order` says."""
+    import torch
+
+    from backpack.teachers.decode import _GrowingLayer, _refill_order
+
+    order = _refill_order(keep, rows)
+    assert sorted(order) == keep
+    assert all(j == i or j >= len(keep) for i, j in enumerate(order))  # a place's row never moved before it is read
+    keys, values = torch.randn(rows, 2, 9, 4), torch.randn(rows, 2, 9, 4)
+    layer = _GrowingLayer(keys.clone(), values.clone(), length=6)
+    layer.keep_rows(order)
+    assert torch.equal(layer.keys, keys[order, :, :6]) and torch.equal(layer.values, values[order, :, :6])
+    layer.update(torch.ones(len(keep), 2, 1, 4), torch.ones(len(keep), 2, 1, 4))  # the next column still fits
+    assert layer.keys.shape == (len(keep), 2, 7, 4) and torch.equal(layer.keys[:, :, :6], keys[order, :, :6])
+
+
+def test_prompts_of_two_system_prompts_share_each_prefix_once_per_class(smol):
+    """Prefill groups are cut within a class of prompts that begin alike, so two system prompts in one batch
+    never land in one group; a class spanning several groups forwards its shared prefix once. Same answers as
+    forwarding every prompt whole, and as `generate`."""
+    import torch
+
+    from backpack.teachers.decode import _classes, _prefill_order, _shared_prefix, decode_batch
+
+    persona = "You are Pellucid's repair assistant. Answer in one short sentence, naming the part you mean."
+    questions = ["What is a derailleur?", "Why do chains squeak?", "How do I fix a flat tyre?"]
+    messages = [[{"role": "system", "content": persona}, {"role": "user", "content": q}] for q in questions]
+    messages += [[{"role": "user", "content": q}] for q in questions]  # the template's default system prompt
+    p = DecodingParams(max_new_tokens=10, logprobs=2)
+    ids = [smol._encode(Query(messages=m, decoding=p)) for m in messages]
+    prompts = [ids[r] for r in _prefill_order(ids)]
+    assert [(c.start, c.stop) for c in _classes(prompts)] == [(0, 3), (3, 6)]
+    width, pad = max(map(len, ids)), smol.tokenizer.pad_token_id
+    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    m = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    positions = []
+    hook = smol.model.register_forward_pre_hook(lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()),
+                                                with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            shared = decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=2)
+            with_sharing, positions[:] = sum(positions), []
+            whole = decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=2, share_prefix=False)
+            without = sum(positions)
+            theirs = generate_batch_of(smol, x, m, p)
+    finally:
+        hook.remove()
+    # each class's prefix (the persona's, and the default one of 24 tokens) is forwarded once, not three times
+    # (cut by groups alone, the class's third prompt would be forwarded whole: one prefix saved, not two)
+    prefixes = [_shared_prefix(prompts[c]) for c in _classes(prompts)]
+    assert sorted(prefixes)[0] == 24 and without - with_sharing == 2 * sum(prefixes)
+    assert shared.tokens == whole.tokens == theirs.tokens and shared.stopped == whole.stopped
+    for a, b in zip(shared.chosen, whole.chosen):
+        assert a == pytest.approx(b, abs=2e-3)
+
+
+def generate_batch_of(teacher, x, m, p):
+    from backpack.teachers.decode import generate_batch
+
+    return generate_batch(teacher.model, x, m, p, teacher.stop_ids, teacher.tokenizer.pad_token_id)
