@@ -300,3 +300,13 @@ def generate_batch_of(teacher, x, m, p):
     from backpack.teachers.decode import generate_batch
 
     return generate_batch(teacher.model, x, m, p, teacher.stop_ids, teacher.tokenizer.pad_token_id)
+
+
+def test_row_chunks_skip_only_columns_that_are_padding_for_every_row_of_the_run():
+    """A decode step's attention runs over runs of neighbouring rows, each from the first column any of its rows
+    needs (the token-for-token tests above run through them: 4 rows, one run each)."""
+    from backpack.teachers.decode import _row_chunks
+
+    assert _row_chunks([0, 0, 3, 5, 9, 9, 12], 3) == [(0, 3, 0), (3, 6, 5), (6, 7, 12)]
+    assert _row_chunks([4, 2], 4) == [(0, 1, 4), (1, 2, 2)]
+    assert _row_chunks([7, 0, 7], 1) == [(0, 3, 0)]

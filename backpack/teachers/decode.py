@@ -4,12 +4,15 @@
 answer ends: rows that stopped early are padded at full cost. `decode_batch` is our own loop over the KV
 cache that drops a row from the batch (and its cache) the step it stops, so a batch costs what its answers
 cost. It also prefills the prompts in groups of similar length (no compute spent on the batch's padding),
-forwards a prefix the prompts of a group share once for all of them, keeps the cache in buffers written in
-place, and on CPU attends over the grouped KV heads without copying them.
+cut within classes of prompts that begin alike, forwards a prefix a class or a group shares once for all of
+them, keeps the cache in buffers written in place (a stopped row's place taken by a row from the tail, so only
+that row is copied), and on CPU attends over the grouped KV heads without copying them, each run of rows from
+the first column it needs.
 On 64 prompts x 64 new tokens with SmolLM2-135M on 2 cores: 166 tok/s against 87 for the same loop without
 the prefill groups, the in-place cache and the CPU attention (benchmarks/teachers.py, through Backpack, one
-batch of 64); the shared prefix adds 1.11x there and 1.82x when the prompts share a ~180-token system prompt
-(benchmarks/prefix_sharing.py). It covers
+batch of 64); the shared prefix added 1.11x there and 1.82x when the prompts share a ~180-token system prompt
+(benchmarks/prefix_sharing.py); with the row moves, the class prefixes and the weights prepacked for oneDNN
+(teachers/packed.py) it ran at 240-255 tok/s through Backpack, 0.98-0.99x vLLM's CPU build. It covers
 what Backpack's decoding asks for (greedy, temperature / top-k / top-p sampling, repetition penalty, n samples,
 raw top-k logprobs), for the model families whose KV cache can drop rows (`supports`); others use `generate`.
 
@@ -51,6 +54,10 @@ PREFIX_BLOCK = 16
 # grouped-query models whenever there is a mask (torch's CUDA kernels need it), which on CPU costs more than
 # the attention itself; torch's CPU kernels take the grouped heads as they are (enable_gqa), same result.
 CPU_GQA_ATTENTION = "backpack_cpu_gqa_sdpa"
+# A decode step's attention reads every row's whole KV cache, padding included, and on CPU it is bound by memory
+# bandwidth (1.2 ms a layer for 64 rows x 124 columns). The rows are ordered by the column their cache begins at
+# and cut into this many runs, each attending from its own first column on.
+ROW_CHUNKS = 4
 
 
 @dataclass
@@ -62,9 +69,26 @@ class Decoded:
     top_logprobs: list[list[list[float]]] = field(default_factory=list)
 
 
+def _row_chunks(starts: list[int], pieces: int = None) -> list[tuple[int, int, int]]:
+    """(first row, end row, first column) of ROW_CHUNKS runs of neighbouring rows: the columns before a run's
+    first column are padding for all its rows (`starts`: each row's first column that is not), so its attention
+    need not read them."""
+    n = len(starts)
+    size = -(-n // (pieces or ROW_CHUNKS))
+    return [(a, min(a + size, n), min(starts[a:a + size])) for a in range(0, n, size)]
+
+
 def _gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
-              **kwargs):
-    """transformers' sdpa attention without repeating the KV heads (see CPU_GQA_ATTENTION)."""
+              backpack_row_chunks=None, **kwargs):
+    """transformers' sdpa attention without repeating the KV heads (see CPU_GQA_ATTENTION). A decode step of
+    `decode_batch` passes its `_row_chunks`: each run of rows attends from its first column on."""
+    if backpack_row_chunks and query.shape[2] == 1:
+        gqa = key.shape[1] != query.shape[1]
+        outs = [F.scaled_dot_product_attention(
+            query[a:b], key[a:b, :, col:], value[a:b, :, col:], scale=scaling, enable_gqa=gqa,
+            attn_mask=None if attention_mask is None else attention_mask[a:b, :, :, col:])
+            for a, b, col in backpack_row_chunks]
+        return torch.cat(outs).transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
                                          is_causal=query.shape[2] > 1 and attention_mask is None and causal,
@@ -238,20 +262,28 @@ def _prefill(model, prompts: list[list[int]], width: int, device, group_rows: in
         for start in range(cls.start, cls.stop, group_rows):
             part = slice(start, min(start + group_rows, cls.stop))
             groups.append((part, *_forward_group(model, prompts[part], share, device, base)))
+    # The batch's rows in decode order: the widest groups first, so that rows whose cache begins at the same
+    # column are neighbours and a decode step's attention skips each run of rows' leading padding (ROW_CHUNKS).
+    groups.sort(key=lambda g: -g[3].shape[1])
+    order = [r for part, *_ in groups for r in range(part.start, part.stop)]
+    places = []
+    for part, *_ in groups:
+        start = places[-1].stop if places else 0
+        places.append(slice(start, start + part.stop - part.start))
     laid_out = torch.zeros(rows, width, dtype=torch.long, device=device)
-    for part, _, _, a in groups:
-        laid_out[part, width - a.shape[1]:] = a
+    for place, (_, _, _, a) in zip(places, groups):
+        laid_out[place, width - a.shape[1]:] = a
     cache = groups[0][1]
     for i, first in enumerate(cache.layers):
         buffers = []
         for which in ("keys", "values"):
             _, heads, _, dim = getattr(first, which).shape
             buf = getattr(first, which).new_zeros(rows, heads, capacity, dim)  # zeros: padding must not be NaN
-            for part, c, _, a in groups:
-                buf[part, :, width - a.shape[1]:width] = getattr(c.layers[i], which)
+            for place, (_, c, _, a) in zip(places, groups):
+                buf[place, :, width - a.shape[1]:width] = getattr(c.layers[i], which)
             buffers.append(buf)
         cache.layers[i] = _GrowingLayer(*buffers, length=width)
-    return cache, torch.cat([logits for _, _, logits, _ in groups]), laid_out
+    return cache, torch.cat([logits for _, _, logits, _ in groups]), laid_out, order
 
 
 def supports(model) -> bool:
@@ -313,9 +345,13 @@ def _prefill_order(prompts: list[list[int]]) -> list[int]:
 def _decode(model, input_ids, prompts: list[list[int]], p: DecodingParams, stop_ids: set[int], prefill_rows: int,
             share_prefix: bool, alive: list[int], out: Decoded) -> Decoded:
     rows, width = input_ids.shape
-    cache, logits, attention = _prefill(model, prompts, width, input_ids.device, prefill_rows, share_prefix,
-                                        capacity=width + p.max_new_tokens)
+    cache, logits, attention, order = _prefill(model, prompts, width, input_ids.device, prefill_rows, share_prefix,
+                                               capacity=width + p.max_new_tokens)
+    prompts, alive, input_ids = [prompts[j] for j in order], [alive[j] for j in order], input_ids[order]
     position = torch.tensor([[len(t) - 1] for t in prompts], device=input_ids.device)  # of each last token
+    starts = attention.argmax(-1).tolist()  # each row's first column that is not padding
+    chunks = _row_chunks(starts)
+    ours = model.config._attn_implementation == CPU_GQA_ATTENTION  # (other attention functions take no chunks)
     seen = None
     if p.repetition_penalty != 1.0:
         seen = torch.zeros(rows, logits.shape[-1], dtype=torch.bool).scatter_(1, input_ids, True)
@@ -349,10 +385,13 @@ def _decode(model, input_ids, prompts: list[list[int]], p: DecodingParams, stop_
             attention, position, nxt = attention[index], position[index], nxt[index]
             seen = seen[index] if seen is not None else None
             alive = [alive[j] for j in order]
+            starts = [starts[j] for j in order]
+            chunks = _row_chunks(starts)
         attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)
         position = position + 1
         step_out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=position,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1,
+                         backpack_row_chunks=chunks if ours else None)
         logits = step_out.logits[:, -1].float()
     return out
 
