@@ -12,7 +12,7 @@ On 64 prompts x 64 new tokens with SmolLM2-135M on 2 cores: 166 tok/s against 87
 the prefill groups, the in-place cache and the CPU attention (benchmarks/teachers.py, through Backpack, one
 batch of 64); the shared prefix added 1.11x there and 1.82x when the prompts share a ~180-token system prompt
 (benchmarks/prefix_sharing.py); with the row moves, the class prefixes and the weights prepacked for oneDNN
-(teachers/packed.py) it ran at 240-255 tok/s through Backpack, 0.98-0.99x vLLM's CPU build. It covers
+(teachers/packed.py) it ran at 240-255 tok/s through Backpack, 0.98-1.00x vLLM's CPU build. It covers
 what Backpack's decoding asks for (greedy, temperature / top-k / top-p sampling, repetition penalty, n samples,
 raw top-k logprobs), for the model families whose KV cache can drop rows (`supports`); others use `generate`.
 
