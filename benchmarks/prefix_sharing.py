@@ -36,10 +36,9 @@ INSTRUCTIONS = ("You are the support assistant of a bicycle maker. Answer in at 
 
 def batch(teacher, n: int, system_repeats: int):
     """Left-padded input ids and attention of the first `n` shipped prompts, with the shared system prompt."""
-    import torch
-
     from backpack.core.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
+    from backpack.teachers.decode import left_pad
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams())
     ids = []
@@ -49,9 +48,7 @@ def batch(teacher, n: int, system_repeats: int):
             messages = [{"role": "system", "content": INSTRUCTIONS * system_repeats}]
             messages += [m for m in q.messages if m["role"] != "system"]
         ids.append(teacher._encode(Query(messages=messages)))
-    width, pad = max(map(len, ids)), teacher.tokenizer.pad_token_id
-    return (torch.tensor([[pad] * (width - len(x)) + x for x in ids]),
-            torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))
+    return left_pad(ids, teacher.tokenizer.pad_token_id)
 
 
 def main() -> int:

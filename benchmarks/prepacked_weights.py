@@ -33,21 +33,19 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from torch import nn
 
     from backpack.core.config import TeacherConfig
     from backpack.core.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
-    from backpack.teachers.decode import decode_batch
+    from backpack.teachers.decode import decode_batch, left_pad
     from backpack.teachers.hf import HFTeacher
-    from backpack.teachers.packed import PackedLinear, can_pack
+    from backpack.teachers.packed import PackedLinear, can_pack, linear_slots
 
     threads = os.cpu_count() or 2
     teacher = HFTeacher(TeacherConfig(name="smollm2", threads=threads, prepack_weights=False))
     if not can_pack(teacher.model):
         sys.exit("this PyTorch build has no oneDNN linear ops (or the model is not float32 on CPU)")
-    slots = [(parent, name, child) for parent in teacher.model.modules() for name, child in parent.named_children()
-             if type(child) is nn.Linear]
+    slots = linear_slots(teacher.model)
     packed = teacher._on_torch_thread(lambda: [PackedLinear(child) for _, _, child in slots])
 
     def use(pack: bool) -> None:
@@ -56,9 +54,7 @@ def main() -> int:
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams())
     ids = [teacher._encode(Query(messages=q.messages)) for q in queries[:args.prompts]]
-    width, pad = max(map(len, ids)), teacher.tokenizer.pad_token_id
-    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    x, mask = left_pad(ids, teacher.tokenizer.pad_token_id)
     p = DecodingParams(max_new_tokens=args.max_new_tokens)
     runs = {False: [], True: []}
 

@@ -96,16 +96,17 @@ def test_missing_models_are_clear(tmp_path):
 PROMPTS = ["What is the capital of France?", "Say hi.", "Write two sentences about rivers and lakes.", "Name a fruit."]
 
 
-def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8, share_prefix: bool = True):
-    """decode_batch and transformers' generate on the same left-padded batch."""
+def _both_ways(teacher, p: DecodingParams, seed=None, prefill_rows: int = 8, share_prefix: bool = True, ids=None):
+    """decode_batch and transformers' generate on the same left-padded batch (`ids`: encoded prompts; default
+    PROMPTS as user messages)."""
     import torch
 
-    from backpack.teachers.decode import decode_batch, generate_batch
+    from backpack.teachers.decode import decode_batch, generate_batch, left_pad
 
-    ids = [teacher._encode(Query(messages=[{"role": "user", "content": x}], decoding=p)) for x in PROMPTS]
-    width, pad = max(map(len, ids)), teacher.tokenizer.pad_token_id
-    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-    m = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    if ids is None:
+        ids = [teacher._encode(Query(messages=[{"role": "user", "content": x}], decoding=p)) for x in PROMPTS]
+    pad = teacher.tokenizer.pad_token_id
+    x, m = left_pad(ids, pad)
     with torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
@@ -260,9 +261,7 @@ def test_prompts_of_two_system_prompts_share_each_prefix_once_per_class(smol):
     """Prefill groups are cut within a class of prompts that begin alike, so two system prompts in one batch
     never land in one group; a class spanning several groups forwards its shared prefix once. Same answers as
     forwarding every prompt whole, and as `generate`."""
-    import torch
-
-    from backpack.teachers.decode import _classes, _prefill_order, _shared_prefix, decode_batch
+    from backpack.teachers.decode import _classes, _prefill_order, _shared_prefix
 
     persona = "You are Pellucid's repair assistant. Answer in one short sentence, naming the part you mean."
     questions = ["What is a derailleur?", "Why do chains squeak?", "How do I fix a flat tyre?"]
@@ -272,34 +271,24 @@ def test_prompts_of_two_system_prompts_share_each_prefix_once_per_class(smol):
     ids = [smol._encode(Query(messages=m, decoding=p)) for m in messages]
     prompts = [ids[r] for r in _prefill_order(ids)]
     assert [(c.start, c.stop) for c in _classes(prompts)] == [(0, 3), (3, 6)]
-    width, pad = max(map(len, ids)), smol.tokenizer.pad_token_id
-    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-    m = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     positions = []
     hook = smol.model.register_forward_pre_hook(lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()),
                                                 with_kwargs=True)
     try:
-        with torch.inference_mode():
-            shared = decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=2)
-            with_sharing, positions[:] = sum(positions), []
-            whole = decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=2, share_prefix=False)
-            without = sum(positions)
-            theirs = generate_batch_of(smol, x, m, p)
+        shared, theirs = _both_ways(smol, p, prefill_rows=2, ids=ids)
+        with_sharing, positions[:] = sum(positions), []
+        whole, _ = _both_ways(smol, p, prefill_rows=2, share_prefix=False, ids=ids)
+        without = sum(positions)
     finally:
         hook.remove()
-    # each class's prefix (the persona's, and the default one of 24 tokens) is forwarded once, not three times
+    # generate's positions are in both sums alike; each class's prefix (the persona's, and the default one of 24
+    # tokens) is forwarded once, not three times
     # (cut by groups alone, the class's third prompt would be forwarded whole: one prefix saved, not two)
     prefixes = [_shared_prefix(prompts[c]) for c in _classes(prompts)]
     assert sorted(prefixes)[0] == 24 and without - with_sharing == 2 * sum(prefixes)
     assert shared.tokens == whole.tokens == theirs.tokens and shared.stopped == whole.stopped
     for a, b in zip(shared.chosen, whole.chosen):
         assert a == pytest.approx(b, abs=2e-3)
-
-
-def generate_batch_of(teacher, x, m, p):
-    from backpack.teachers.decode import generate_batch
-
-    return generate_batch(teacher.model, x, m, p, teacher.stop_ids, teacher.tokenizer.pad_token_id)
 
 
 def test_row_chunks_skip_only_columns_that_are_padding_for_every_row_of_the_run():

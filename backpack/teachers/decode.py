@@ -69,7 +69,14 @@ class Decoded:
     top_logprobs: list[list[list[float]]] = field(default_factory=list)
 
 
-def _row_chunks(starts: list[int], pieces: int = None) -> list[tuple[int, int, int]]:
+def left_pad(ids: list[list[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts' token ids as the left-padded batch both decoders take: (input ids, attention mask)."""
+    width = max(map(len, ids))
+    return (torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device),
+            torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device))
+
+
+def _row_chunks(starts: list[int], pieces: Optional[int] = None) -> list[tuple[int, int, int]]:
     """(first row, end row, first column) of ROW_CHUNKS runs of neighbouring rows: the columns before a run's
     first column are padding for all its rows (`starts`: each row's first column that is not), so its attention
     need not read them."""
@@ -205,7 +212,7 @@ def _forward_group(model, tokens: list[list[int]], share: bool, device, base=Non
         shared = floor
     cache = DynamicCache()
     if shared:
-        cache = _prefix_cache(model, tokens[0], shared, base if floor else None, device)
+        cache = _prefix_cache(model, tokens[0], shared, base, device)
         cache.batch_repeat_interleave(rows)
     own = w - shared
     ids = torch.zeros(rows, own, dtype=torch.long)  # padding: any id does, it is masked
@@ -230,9 +237,7 @@ def _classes(prompts: list[list[int]]) -> list[slice]:
     whose first block no other row has. Prefill groups are cut within a class, so a group never mixes two
     system prompts (its shared prefix would be lost), and a class's shared prefix is forwarded once for all its
     groups."""
-    blocks = [tuple(t[:PREFIX_BLOCK]) for t in prompts]
-    counts = Counter(blocks)
-    keys = [b if counts[b] > 1 else None for b in blocks]
+    keys = _class_keys(prompts)
     runs, start = [], 0
     for i in range(1, len(prompts) + 1):
         if i == len(prompts) or keys[i] != keys[start]:
@@ -337,9 +342,16 @@ def _prefill_order(prompts: list[list[int]]) -> list[int]:
     """Rows by their first PREFIX_BLOCK tokens where other rows begin the same way (so that prompts sharing a
     prefix are prefilled together), then by prompt length (so that each prefill group is cut to a similar
     width); rows whose first block no other row has sort by length alone."""
+    keys = _class_keys(prompts)
+    return sorted(range(len(prompts)), key=lambda r: (keys[r], len(prompts[r])))
+
+
+def _class_keys(prompts: list[list[int]]) -> list[tuple]:
+    """Each row's first PREFIX_BLOCK tokens where another row begins the same way, else () (a class of its own
+    for all such rows)."""
     blocks = [tuple(t[:PREFIX_BLOCK]) for t in prompts]
     counts = Counter(blocks)
-    return sorted(range(len(prompts)), key=lambda r: (blocks[r] if counts[blocks[r]] > 1 else (), len(prompts[r])))
+    return [b if counts[b] > 1 else () for b in blocks]
 
 
 def _decode(model, input_ids, prompts: list[list[int]], p: DecodingParams, stop_ids: set[int], prefill_rows: int,

@@ -20,7 +20,7 @@ from backpack.core.recall import with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
-from backpack.teachers.decode import decode_batch, generate_batch, supports
+from backpack.teachers.decode import decode_batch, generate_batch, left_pad, supports
 from backpack.teachers.loader import ResolvedModel, resolve_model
 from backpack.teachers.packed import pack_linears
 
@@ -158,10 +158,8 @@ class HFTeacher:
         return encode_chat(self.tokenizer, with_context(q.messages, q.context))
 
     def _generate(self, group: list[Query], ids: list[list[int]], p: DecodingParams) -> list[Completion]:
-        width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        input_ids, attention = left_pad(ids, pad, self.device)
         if p.seed is not None and not p.greedy:
             torch.manual_seed(p.seed)
         t0 = time.perf_counter()

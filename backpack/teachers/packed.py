@@ -36,7 +36,8 @@ def can_pack(model) -> bool:
 
 class PackedLinear(nn.Module):
     """An inference-only stand-in for an `nn.Linear`: the same function, its weight in oneDNN's layout. It has no
-    parameters (nothing to train, nothing in the state dict); `weight_shape` says what it replaced."""
+    parameters (nothing to train, nothing in the state dict); `in_features` / `out_features` say what it
+    replaced."""
 
     def __init__(self, linear: nn.Linear, rows_hint: int = ROWS_HINT):
         super().__init__()
@@ -60,14 +61,20 @@ def _agrees(packed: PackedLinear, linear: nn.Linear) -> bool:
     return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def linear_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, layer) of every `nn.Linear` in `model`: exactly Linear, since subclasses
+    (quantised, LoRA) compute something else."""
+    return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if type(child) is nn.Linear]
+
+
 def pack_linears(model: nn.Module) -> int:
     """Replace every `nn.Linear` of `model` (on CPU, float32) by a `PackedLinear`, for inference only: the model
     can no longer be trained or saved as it was. Returns how many were replaced (0: not possible here, the model
     untouched). Tied weights (an lm head sharing the embedding's) get a packed copy; the embedding keeps its own."""
     if not can_pack(model):
         return 0
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear]   # exactly Linear: subclasses (quantised, LoRA) compute something else
+    targets = linear_slots(model)
     if not targets or not _agrees(PackedLinear(targets[0][2]), targets[0][2]):
         return 0
     for parent, name, child in targets:
