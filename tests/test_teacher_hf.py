@@ -299,3 +299,72 @@ def test_row_chunks_skip_only_columns_that_are_padding_for_every_row_of_the_run(
     assert _row_chunks([0, 0, 3, 5, 9, 9, 12], 3) == [(0, 3, 0), (3, 6, 5), (6, 7, 12)]
     assert _row_chunks([4, 2], 4) == [(0, 1, 4), (1, 2, 2)]
     assert _row_chunks([7, 0, 7], 1) == [(0, 3, 0)]
+
+
+def test_prefill_groups_are_the_cheapest_cut_within_the_limits():
+    """`_prefill_groups` cuts ascending prompt lengths into runs so that forwarded positions (each run padded to
+    its longest) plus a forward's fixed cost are fewest, within the row and position limits: checked against every
+    possible cut of small random classes."""
+    import itertools
+    import random
+
+    import backpack.teachers.decode as decode
+
+    def cost(runs, lengths):
+        return sum((r.stop - r.start) * lengths[r.stop - 1] + decode.PREFILL_CALL_POSITIONS for r in runs)
+
+    def allowed(runs, lengths, max_rows):
+        return all(r.stop - r.start <= max_rows and (r.stop - r.start == 1 or
+                   (r.stop - r.start) * lengths[r.stop - 1] <= decode.PREFILL_POSITIONS) for r in runs)
+
+    rng = random.Random(0)
+    for _ in range(60):
+        n, max_rows = rng.randint(1, 8), rng.choice([1, 2, 3, 8])
+        lengths = sorted(rng.choice([rng.randint(1, 40), rng.randint(300, 1200)]) for _ in range(n))
+        runs = decode._prefill_groups(lengths, max_rows)
+        assert [r.start for r in runs] == [0] + [r.stop for r in runs[:-1]] and runs[-1].stop == n
+        assert allowed(runs, lengths, max_rows)
+        cuts = [[slice(a, b) for a, b in zip((0,) + c, c + (n,))]
+                for k in range(n) for c in itertools.combinations(range(1, n), k)]
+        assert cost(runs, lengths) == min(cost(c, lengths) for c in cuts if allowed(c, lengths, max_rows))
+    assert decode._prefill_groups([], 8) == []
+    # similar lengths share a forward; a much longer prompt is not padded to by the others
+    assert decode._prefill_groups([10, 11, 11, 12, 90], 8) == [slice(0, 4), slice(4, 5)]
+
+
+def test_kv_buffers_are_reused_from_batch_to_batch_with_the_same_answers(smol):
+    """A `KVBuffers` keeps the KV cache's storage between batches: a second, smaller batch decodes in the same
+    storage, and stale contents (NaN here, as fresh memory may hold) change no answer, since the padding columns are
+    cleared. One that another batch holds is not shared: that batch gets buffers of its own."""
+    import torch
+
+    from backpack.teachers.decode import KVBuffers, decode_batch, left_pad
+
+    p = DecodingParams(max_new_tokens=12, logprobs=2)
+    more = PROMPTS + ["Why is the sky blue? Answer briefly.", "Hi.", "List three colours, then three animals.", "2+2?"]
+    ids = [smol._encode(Query(messages=[{"role": "user", "content": x}], decoding=p)) for x in more]
+    buffers = KVBuffers()
+
+    def both(batch):
+        x, m = left_pad(batch, smol.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            # one prompt per prefill group: each row's cache begins at its own column, in the zeroed padding
+            return decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=1, buffers=buffers), \
+                decode_batch(smol.model, x, m, p, smol.stop_ids, prefill_rows=1)
+
+    kept, fresh = both(ids)
+    assert kept.tokens == fresh.tokens and kept.chosen == fresh.chosen
+    storage = {slot: t.data_ptr() for slot, t in buffers._storage.items()}
+    assert len(storage) == 2 * smol.model.config.num_hidden_layers and buffers.nbytes > 0
+    for t in buffers._storage.values():
+        t.fill_(float("nan"))
+    # fewer prompts: the same storage serves them; runs of two rows of different widths attend over padding
+    kept, fresh = both(ids[1:7])
+    assert {slot: t.data_ptr() for slot, t in buffers._storage.items()} == storage
+    assert kept.tokens == fresh.tokens and kept.chosen == fresh.chosen
+    with buffers.lock:  # held by another batch: this one decodes in buffers of its own, leaving these alone
+        for t in buffers._storage.values():
+            t.fill_(7.0)
+        kept, fresh = both(ids)
+        assert all(bool((t == 7.0).all()) for t in buffers._storage.values())
+    assert kept.tokens == fresh.tokens

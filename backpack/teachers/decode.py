@@ -3,10 +3,11 @@
 `generate_batch` uses transformers' `generate`, which keeps computing every row of a batch until the longest
 answer ends: rows that stopped early are padded at full cost. `decode_batch` is our own loop over the KV
 cache that drops a row from the batch (and its cache) the step it stops, so a batch costs what its answers
-cost. It also prefills the prompts in groups of similar length (no compute spent on the batch's padding),
-cut within classes of prompts that begin alike, forwards a prefix a class or a group shares once for all of
-them, keeps the cache in buffers written in place (a stopped row's place taken by a row from the tail, so only
-that row is copied), and on CPU attends over the grouped KV heads without copying them, each run of rows from
+cost. It also prefills the prompts in groups of similar length (little compute spent on the batch's padding),
+cut within classes of prompts that begin alike where padding would cost more than another forward, forwards a
+prefix a class or a group shares once for all of them, keeps the cache in buffers written in place (a stopped
+row's place taken by a row from the tail, so only that row is copied) whose memory a teacher keeps from batch to
+batch (`KVBuffers`), and on CPU attends over the grouped KV heads without copying them, each run of rows from
 the first column it needs.
 On 64 prompts x 64 new tokens with SmolLM2-135M on 2 cores: 166 tok/s against 87 for the same loop without
 the prefill groups, the in-place cache and the CPU attention (benchmarks/teachers.py, through Backpack, one
@@ -23,6 +24,8 @@ temperature 1, whatever decoding picked the token).
 
 from __future__ import annotations
 
+import math
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,10 +42,17 @@ from backpack.core.types import DecodingParams
 # Architectures whose forward takes position_ids with left padding and whose DynamicCache can drop batch rows
 # (checked token for token against `generate` in tests/test_teacher_hf.py for llama).
 ROW_DROPPING_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-# Prompts per prefill forward. The batch's prompts are prefilled in groups of similar length, each padded only to
-# its own longest prompt, and their caches joined: one forward over the whole left-padded batch spends up to
-# half its compute on padding (64 prompts of 33-92 tokens: 5888 positions for 3032 prompt tokens).
-PREFILL_ROWS = 8
+# Prompts per prefill forward at most. The batch's prompts are prefilled in groups of similar length, each padded
+# only to its own longest prompt, and their caches joined: one forward over the whole left-padded batch spends up to
+# half its compute on padding (64 prompts of 33-92 tokens: 5888 positions for 3032 prompt tokens). Where a class
+# of prompts (`_classes`) is cut is chosen by `_prefill_groups`.
+PREFILL_ROWS = 64
+# What a prefill forward costs beyond its positions, counted in positions: measured here for SmolLM2-135M on 2
+# cores, a forward took about 30 ms + 1.25 ms per position (8 to 2560 positions). A group is cut where the padding
+# it saves costs more than another forward.
+PREFILL_CALL_POSITIONS = 24
+# Positions of one prefill forward at most (its activations grow with them), unless one prompt alone is longer.
+PREFILL_POSITIONS = 2048
 # Prompts of a prefill group that begin with the same tokens (the chat template's system prompt, a task's persona)
 # share those tokens' KV: the shared prefix is forwarded once and its cache copied to the group's rows, as vLLM's
 # prefix caching does (SmolLM2's default system prompt is 24 tokens, half of a short prompt). Shorter prefixes
@@ -119,6 +129,35 @@ def _cpu_attention(model):
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+class KVBuffers:
+    """Storage for `decode_batch`'s KV cache kept from one batch to the next, by whoever decodes batch after batch
+    (the hf teacher keeps one). A batch's KV buffers are hundreds of MB (64 rows x 156 positions: 460 MB for
+    SmolLM2-135M); allocated afresh for each batch, glibc hands them back to the kernel at the end and the next
+    batch faults its pages in again, which on CPU cost 0.3-0.7 s of a 12 s batch here (120-190 thousand page
+    faults; 20-40 thousand with the storage kept). It grows to the largest batch asked of it and keeps that much.
+    One batch at a time: a `decode_batch` that finds it in use by another thread allocates its own buffers."""
+
+    GROWTH = 1.25  # room beyond the batch that asked, so slightly larger batches reuse it too
+
+    def __init__(self):
+        self._storage: dict[tuple, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def take(self, slot: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A tensor of `shape` (contents undefined) with `like`'s dtype and device, from the storage of `slot`."""
+        need = math.prod(shape)
+        flat = self._storage.get(slot)
+        if flat is None or flat.numel() < need or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._storage[slot] = None  # the old storage is freed before its successor is allocated
+            with torch.inference_mode(False):  # a plain tensor: batches decoded in and out of inference mode share it
+                flat = self._storage[slot] = torch.empty(int(need * self.GROWTH), dtype=like.dtype, device=like.device)
+        return flat[:need].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._storage.values() if t is not None)
 
 
 class _GrowingLayer(DynamicLayer):
@@ -246,26 +285,47 @@ def _classes(prompts: list[list[int]]) -> list[slice]:
     return runs
 
 
+def _prefill_groups(lengths: list[int], max_rows: int) -> list[slice]:
+    """Cut rows of ascending prompt `lengths` (a class's, past its shared prefix) into runs, each forwarded as one
+    group padded to its longest prompt, so that the positions forwarded (padding included) plus
+    PREFILL_CALL_POSITIONS per forward are fewest; a run has at most `max_rows` rows and PREFILL_POSITIONS
+    positions (unless it is one row)."""
+    n = len(lengths)
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cost of rows [0, j); cut[j]: where its run starts
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(j - max_rows, 0) - 1, -1):  # the last run is rows [i, j)
+            forwarded = (j - i) * lengths[j - 1]
+            if j - i > 1 and forwarded > PREFILL_POSITIONS:
+                break
+            if best[i] + forwarded + PREFILL_CALL_POSITIONS < best[j]:
+                best[j], cut[j] = best[i] + forwarded + PREFILL_CALL_POSITIONS, i
+    runs, j = [], n
+    while j:
+        runs.append(slice(cut[j], j))
+        j = cut[j]
+    return runs[::-1]
+
+
 def _prefill(model, prompts: list[list[int]], width: int, device, group_rows: int, share_prefix: bool,
-             capacity: int):
+             capacity: int, buffers: Optional[KVBuffers] = None):
     """Forward the prompts (their tokens, in `_prefill_order`) in groups of up to `group_rows` cut within each
-    class (`_classes`), each group cut to its own width, a class's shared prefix forwarded once and each group's
+    class (`_classes`) where `_prefill_groups` says, a class's shared prefix forwarded once and each group's
     longer one once on top of it (`_forward_group`), and join the groups' KV caches, left-padded to the batch
-    `width` (the padding is masked, as it would have been in one forward), into buffers of `capacity` positions.
-    Returns (cache, last-position logits, the batch's attention mask for that layout). Sliding-window layers get a
-    full cache too (a DynamicCache made without the config has only plain layers): their masks keep attention
-    within the window."""
+    `width` (the padding is masked, as it would have been in one forward), into buffers of `capacity` positions
+    (from `buffers` when given). Returns (cache, last-position logits, the batch's attention mask for that layout,
+    the order of the rows in it). Sliding-window layers get a full cache too (a DynamicCache made without the
+    config has only plain layers): their masks keep attention within the window."""
     rows = len(prompts)
     share = share_prefix and not _windowed(model.config)
     groups = []
     for cls in _classes(prompts):
+        n = _shared_prefix(prompts[cls]) if share and cls.stop - cls.start > 1 else 0
+        parts = _prefill_groups([len(t) - n for t in prompts[cls]], group_rows)
         base = None
-        if share and cls.stop - cls.start > group_rows:  # more than one group: the class prefix once for all
-            n = _shared_prefix(prompts[cls])
-            if n >= MIN_SHARED_PREFIX:
-                base = (n, _prefix_cache(model, prompts[cls.start], n, None, device))
-        for start in range(cls.start, cls.stop, group_rows):
-            part = slice(start, min(start + group_rows, cls.stop))
+        if n >= MIN_SHARED_PREFIX and len(parts) > 1:  # more than one group: the class prefix once for all
+            base = (n, _prefix_cache(model, prompts[cls.start], n, None, device))
+        for run in parts:
+            part = slice(cls.start + run.start, cls.start + run.stop)
             groups.append((part, *_forward_group(model, prompts[part], share, device, base)))
     # The batch's rows in decode order: the widest groups first, so that rows whose cache begins at the same
     # column are neighbours and a decode step's attention skips each run of rows' leading padding (ROW_CHUNKS).
@@ -280,14 +340,16 @@ def _prefill(model, prompts: list[list[int]], width: int, device, group_rows: in
         laid_out[place, width - a.shape[1]:] = a
     cache = groups[0][1]
     for i, first in enumerate(cache.layers):
-        buffers = []
+        kv = []
         for which in ("keys", "values"):
-            _, heads, _, dim = getattr(first, which).shape
-            buf = getattr(first, which).new_zeros(rows, heads, capacity, dim)  # zeros: padding must not be NaN
+            like = getattr(first, which)
+            shape = (rows, like.shape[1], capacity, like.shape[3])
+            buf = buffers.take((i, which), shape, like) if buffers is not None else like.new_empty(shape)
+            buf[:, :, :width].zero_()  # the padding is masked but must not be NaN (0 x NaN is NaN)
             for place, (_, c, _, a) in zip(places, groups):
                 buf[place, :, width - a.shape[1]:width] = getattr(c.layers[i], which)
-            buffers.append(buf)
-        cache.layers[i] = _GrowingLayer(*buffers, length=width)
+            kv.append(buf)
+        cache.layers[i] = _GrowingLayer(*kv, length=width)
     return cache, torch.cat([logits for _, _, logits, _ in groups]), laid_out, order
 
 
@@ -317,10 +379,12 @@ def _pick(logits: torch.Tensor, p: DecodingParams, seen: Optional[torch.Tensor])
 
 
 def decode_batch(model, input_ids: torch.Tensor, attention: torch.Tensor, p: DecodingParams,
-                 stop_ids: set[int], prefill_rows: int = PREFILL_ROWS, share_prefix: bool = True) -> Decoded:
+                 stop_ids: set[int], prefill_rows: int = PREFILL_ROWS, share_prefix: bool = True,
+                 buffers: Optional[KVBuffers] = None) -> Decoded:
     """Decode left-padded prompts [prompts, width] (n samples each: rows prompt-major), dropping rows as they
     stop. `share_prefix=False` forwards every prompt whole (the same answers; for measuring what sharing saves).
-    The caller seeds torch for seeded sampling."""
+    `buffers`: where to keep the KV cache (fresh buffers for this batch when None or in use). The caller seeds
+    torch for seeded sampling."""
     if p.n > 1:
         input_ids, attention = input_ids.repeat_interleave(p.n, 0), attention.repeat_interleave(p.n, 0)
     rows = input_ids.shape[0]
@@ -333,9 +397,14 @@ def decode_batch(model, input_ids: torch.Tensor, attention: torch.Tensor, p: Dec
     width = input_ids.shape[1]
     prompts = [row[width - n:] for row, n in zip(input_ids.tolist(), attention.sum(-1).tolist())]
     order = _prefill_order(prompts)
-    with _cpu_attention(model):
-        return _decode(model, input_ids[order], [prompts[r] for r in order], p, stop_ids, prefill_rows,
-                       share_prefix, order, out)
+    leased = buffers is not None and buffers.lock.acquire(blocking=False)
+    try:
+        with _cpu_attention(model):
+            return _decode(model, input_ids[order], [prompts[r] for r in order], p, stop_ids, prefill_rows,
+                           share_prefix, order, out, buffers if leased else None)
+    finally:
+        if leased:
+            buffers.lock.release()
 
 
 def _prefill_order(prompts: list[list[int]]) -> list[int]:
@@ -355,10 +424,10 @@ def _class_keys(prompts: list[list[int]]) -> list[tuple]:
 
 
 def _decode(model, input_ids, prompts: list[list[int]], p: DecodingParams, stop_ids: set[int], prefill_rows: int,
-            share_prefix: bool, alive: list[int], out: Decoded) -> Decoded:
+            share_prefix: bool, alive: list[int], out: Decoded, buffers: Optional[KVBuffers]) -> Decoded:
     rows, width = input_ids.shape
     cache, logits, attention, order = _prefill(model, prompts, width, input_ids.device, prefill_rows, share_prefix,
-                                               capacity=width + p.max_new_tokens)
+                                               capacity=width + p.max_new_tokens, buffers=buffers)
     prompts, alive, input_ids = [prompts[j] for j in order], [alive[j] for j in order], input_ids[order]
     position = torch.tensor([[len(t) - 1] for t in prompts], device=input_ids.device)  # of each last token
     starts = attention.argmax(-1).tolist()  # each row's first column that is not padding
