@@ -13,9 +13,11 @@ On 64 prompts x 64 new tokens with SmolLM2-135M on 2 cores: 166 tok/s against 87
 the prefill groups, the in-place cache and the CPU attention (benchmarks/teachers.py, through Backpack, one
 batch of 64); the shared prefix added 1.11x there and 1.82x when the prompts share a ~180-token system prompt
 (benchmarks/prefix_sharing.py); with the row moves, the class prefixes and the weights prepacked for oneDNN
-(teachers/packed.py) it ran at 240-255 tok/s through Backpack, 0.98-1.00x vLLM's CPU build. It covers
-what Backpack's decoding asks for (greedy, temperature / top-k / top-p sampling, repetition penalty, n samples,
-raw top-k logprobs), for the model families whose KV cache can drop rows (`supports`); others use `generate`.
+(teachers/packed.py) it ran at 240-255 tok/s through Backpack, 0.98-1.00x vLLM's CPU build (each path timed in
+a block of its own); with the KV memory kept between batches and the prefill groups cut by cost, 1.10-1.11x
+(258-260 tok/s, the paths timed in interleaved rounds). It covers what Backpack's decoding asks for (greedy,
+temperature / top-k / top-p sampling, repetition penalty, n samples, raw top-k logprobs), for the model families
+whose KV cache can drop rows (`supports`); others use `generate`.
 
 Both return a `Decoded`: per row, its tokens without the stop token, whether it stopped, and, when asked, the
 chosen tokens' logprobs and the top-k ids/logprobs from the raw logits (the model's own distribution at
