@@ -47,6 +47,11 @@ def test_scheduler_spreads_work_over_two_replicas(ray_session, smol_dir, tmp_pat
         assert [i["replica"] for i in infos] == ["smol/0", "smol/1"] and infos[0]["threads"] == 1
         store = DatasetStore(tmp_path / "ds")
         sched = spawn_scheduler(pool.replicas, store, None, policy="round_robin", flush_rows=4)
+        # Each actor had Ray serialize an Arrow table as it started (actors.warm_arrow_serialization), not on its
+        # first batch: the first one imports pandas and hundreds more modules. (A lambda: Ray ships it by value.)
+        loaded = lambda _: "pandas" in __import__("sys").modules  # noqa: E731
+        actors = [sched] + [r.actor for r in pool.replicas]
+        assert ray_session.get([a.__ray_call__.remote(loaded) for a in actors]) == [True] * 3
         table = query_table(8)
         summary = ray_session.get(sched.run.remote(table))
         assert summary["ok_rows"] == 8 and summary["failed_rows"] == 0 and summary["tokens"] > 0
