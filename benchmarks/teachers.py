@@ -170,7 +170,7 @@ def part_ledger(n: int, max_new_tokens: int, runs: list[int]) -> dict:
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=n, threads=THREADS, num_cpus=THREADS)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
-        queries = load_queries(n, max_new_tokens)
+        queries = load_queries(n, max_new_tokens, runs[0])
         first, second = _through_backpack(cfg, [queries, queries], QueryLedger(redis.url))
     return {"first": first, "second": second}
 
