@@ -90,6 +90,8 @@ def test_generate_command_on_an_existing_cluster(ray_session, smol_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 answer(s) stored, 0 failed" in proc.stdout
     assert "generating 4 prompt(s)" in proc.stderr
+    # stderr is a pipe here, as in a Ray Job's log: plain progress lines, no bar redraws
+    assert "[backpack] answered 4/4 (0 failed)" in proc.stderr and "answer/s" not in proc.stderr
     assert DatasetStore(tmp_path / "quickstart" / "dataset", create=False).read().num_rows == 4
 
 
@@ -147,3 +149,23 @@ def test_flags_may_come_between_the_config_and_its_overrides():
                                                                              ["storage.path=/x", "name=y"])
     run = parse("run", "c.yaml", "--continual", "teachers.0.replicas=2")
     assert run.continual and run.overrides == ["teachers.0.replicas=2"]
+
+
+def test_progress_off_a_terminal_is_a_line_every_few_seconds():
+    import io
+
+    from backpack.cli import _BarReporter
+
+    now = [0.0]
+    out = io.StringIO()  # not a terminal
+    rep = _BarReporter(stream=out, clock=lambda: now[0])
+    for done in range(1, 11):  # one answer a second, 10 of them
+        rep.progress(done, 0, 10, tokens=20 * done, seconds=float(done))
+        now[0] += 1.0
+    rep.close()
+    # the first answer, one line per LOG_EVERY (10 s) after it, and the last answer, whenever it comes
+    assert out.getvalue().splitlines() == ["[backpack] answered 1/10 (0 failed), 20.0 tok/s",
+                                           "[backpack] answered 10/10 (0 failed), 20.0 tok/s"]
+    quiet = io.StringIO()
+    _BarReporter(quiet=True, stream=quiet).progress(1, 0, 10, 5, 1.0)
+    assert quiet.getvalue() == ""
