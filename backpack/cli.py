@@ -9,7 +9,7 @@
     backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset
     backpack data export PATH --format jsonl     write a dataset as JSON lines
 
-Beside a run, live or not (they reach its Redis; they take [key=value ...] overrides too, see backpack/ops.py):
+Beside a run, live or not (they reach its Redis; they take [key=value ...] overrides too, see backpack/run/ops.py):
     backpack ingest CONFIG FILE|-                push prompts (JSONL records or plain text lines; - is stdin)
     backpack status CONFIG [--json]              backlog, dataset, trainer step, versions, live version, server
     backpack versions CONFIG [--json]            the student versions, their gate decisions, the live one
@@ -39,57 +39,15 @@ from typing import Optional
 
 from backpack import __version__
 from backpack.errors import BackpackError
+from backpack.runtime.progress import TerminalReporter
 
 
 def _print_err(msg: str) -> None:
     print(f"backpack: error: {msg}", file=sys.stderr)
 
 
-class _BarReporter:
-    """Generation progress on stderr (prompts done / failed, tokens/s): a tqdm bar on a terminal; elsewhere (a
-    Ray Job's log, a file, CI) a plain line every LOG_EVERY seconds and at the end, as a bar's redraws would
-    pile up there as one endless line."""
-
-    LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
-
-    def __init__(self, quiet: bool = False, stream=None, clock=time.monotonic):
-        self.quiet = quiet
-        self.stream = stream or sys.stderr
-        self.clock = clock
-        self.bar = None
-        self._logged: Optional[float] = None  # when the last plain line was written
-
-    def stage(self, text: str) -> None:
-        if not self.quiet:
-            print(f"[backpack] {text}", file=self.stream, flush=True)
-
-    def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None:
-        if self.quiet or not total:
-            return
-        rate = tokens / seconds if seconds else 0.0
-        if not self.stream.isatty():
-            now, finished = self.clock(), done + failed >= total
-            if not finished and self._logged is not None and now - self._logged < self.LOG_EVERY:
-                return
-            self._logged = now
-            print(f"[backpack] answered {done + failed}/{total} ({failed} failed), {rate:.1f} tok/s",
-                  file=self.stream, flush=True)
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="answer", dynamic_ncols=True, file=self.stream)
-        self.bar.n = done + failed
-        self.bar.set_postfix(failed=failed, tok_s=f"{rate:.1f}", refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_validate(args) -> int:
-    from backpack.core.config import load_config
+    from backpack.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(cfg.model_dump(), indent=2))
@@ -98,11 +56,11 @@ def cmd_validate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from backpack.core.config import load_config
-    from backpack.pipeline import generate
+    from backpack.config import load_config
+    from backpack.run.generate import generate
 
     cfg = load_config(args.config, args.overrides)  # validated once, before anything starts
-    rep = _BarReporter(args.quiet)
+    rep = TerminalReporter(args.quiet)
     try:
         res = generate(cfg, rep)
     finally:
@@ -137,50 +95,57 @@ def _print_report(report: dict) -> None:
         print(" | ".join(_cell(e.get(k), f, k) for k, _, f in COLUMNS))
 
 
+def _report_path(cfg) -> str:
+    from backpack.data.storage import run_files
+
+    return run_files(cfg).uri("report/report.md")
+
+
 def _print_trained(res: dict) -> None:
     print(f"trained to step {res['step']} in {res['seconds']:.1f} s; new student version(s): "
           f"{res['versions'] or 'none'}")
 
 
 def cmd_train(args) -> int:
-    from backpack.core.config import load_config
-    from backpack.distill import train
+    from backpack.config import load_config
+    from backpack.run.train import train
 
     cfg = load_config(args.config, args.overrides)
-    _print_trained(train(cfg, _BarReporter(args.quiet)))
+    _print_trained(train(cfg, TerminalReporter(args.quiet)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from backpack.core.config import load_config
-    from backpack.distill import evaluate
+    from backpack.config import load_config
+    from backpack.run.evaluate import evaluate
 
     cfg = load_config(args.config, args.overrides)
     if args.questions:
         from backpack.eval.knowledge import evaluate_facts, format_facts
 
-        out = evaluate_facts(cfg, args.questions, args.version, _BarReporter(args.quiet))
+        out = evaluate_facts(cfg, args.questions, args.version, TerminalReporter(args.quiet))
         print(format_facts(out))
         print(f"answers and scores: {out['path']}")
         return 0
-    report = evaluate(cfg, [args.version] if args.version is not None else None, _BarReporter(args.quiet))
+    report = evaluate(cfg, [args.version] if args.version is not None else None, TerminalReporter(args.quiet))
     _print_report(report)
-    print(f"report: {cfg.files.uri('report/report.md')}")
+    print(f"report: {_report_path(cfg)}")
     return 0
 
 
 def cmd_run(args) -> int:
     """generate (answered prompts are reused) -> train -> evaluate, then the report table; with --continual,
     the continual loop until stopped."""
-    from backpack.core.config import load_config
-    from backpack.distill import evaluate, require_sections, train
-    from backpack.pipeline import generate
+    from backpack.config import load_config
+    from backpack.run.evaluate import evaluate
+    from backpack.run.generate import generate
+    from backpack.run.train import train
 
     cfg = load_config(args.config, args.overrides)
     if args.continual:
         return _run_continual(cfg, args)
-    require_sections(cfg, "student", "training")  # before generating, not after
-    rep = _BarReporter(args.quiet)
+    cfg.require("student", "training")  # before generating, not after
+    rep = TerminalReporter(args.quiet)
     t0 = time.perf_counter()
     try:
         gen = generate(cfg, rep)
@@ -191,14 +156,14 @@ def cmd_run(args) -> int:
     _print_trained(train(cfg, rep))
     report = evaluate(cfg, None, rep)
     _print_report(report)
-    print(f"report: {cfg.files.uri('report/report.md')} (whole run {time.perf_counter() - t0:.0f} s)")
+    print(f"report: {_report_path(cfg)} (whole run {time.perf_counter() - t0:.0f} s)")
     return 0
 
 
 def _run_continual(cfg, args) -> int:
-    from backpack.continual import ContinualRun
+    from backpack.run.continual import ContinualRun
 
-    res = ContinualRun(cfg, _BarReporter(args.quiet)).run()
+    res = ContinualRun(cfg, TerminalReporter(args.quiet)).run()
     restarts = ", ".join(f"{part} x{n}" for part, n in sorted(res.restarts.items())) or "none"
     print(f"continual run {cfg.name} stopped after {res.seconds:.0f} s: {res.answered} prompt(s) answered, "
           f"{res.failed} failed; trainer at step {res.step}; new student version(s) {res.versions or 'none'}; "
@@ -260,13 +225,13 @@ def cmd_data_export(args) -> int:
 def _side_config(args):
     """The config of a command beside a run: it loads no model and reads no prompt file, so their paths are
     not checked (a status must not fail on a teacher model missing on this machine)."""
-    from backpack.core.config import load_config
+    from backpack.config import load_config
 
     return load_config(args.config, args.overrides, check_files=False)
 
 
 def cmd_ingest(args) -> int:
-    from backpack import ops
+    from backpack.run import ops
 
     res = ops.ingest(_side_config(args), args.source)
     summary, rejected = ops.format_ingest(res)
@@ -277,7 +242,7 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from backpack import ops
+    from backpack.run import ops
 
     s = ops.status(_side_config(args))
     print(json.dumps(s, indent=2) if args.json else ops.format_status(s))
@@ -285,7 +250,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    from backpack import ops
+    from backpack.run import ops
 
     v = ops.versions(_side_config(args))
     print(json.dumps(v, indent=2) if args.json else ops.format_versions(v))
@@ -293,7 +258,7 @@ def cmd_versions(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from backpack import ops
+    from backpack.run import ops
 
     version, was = ops.promote(_side_config(args), args.n)
     print(f"version {version} is already live" if was == version
@@ -302,7 +267,7 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from backpack import ops
+    from backpack.run import ops
 
     version, was = ops.rollback(_side_config(args))
     print(f"version {version} is live again (was {ops.was_text(was)})")
@@ -437,7 +402,7 @@ def _flags_last(argv: list[str]) -> list[str]:
 
 
 def cmd_mental(args) -> int:
-    from backpack.core.config import load_config
+    from backpack.config import load_config
     from backpack.mental import commands
 
     cfg = load_config(args.config)

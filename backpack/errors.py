@@ -76,3 +76,23 @@ class DatasetError(BackpackError):
     """A dataset directory is missing, unreadable or inconsistent."""
 
     exit_code = 2
+
+
+def cause_of(err: BaseException) -> str:
+    """What went wrong, in one line for a user, for an error that may have crossed Ray.
+
+    Ray carries a remote exception as `cause` (a teacher's, a scheduler's): that one is meant. A BackpackError
+    says it all in its message; any other exception is named by its type. An error whose message folds a
+    remote traceback (an actor that failed in its constructor, a Ray Train worker) is named by the last line of
+    it that names an error: the innermost."""
+    inner = getattr(err, "cause", None)
+    if isinstance(inner, BaseException):
+        err = inner
+    if isinstance(err, BackpackError):
+        return str(err)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1:
+        named = [line for line in lines if "Error" in line and not line.startswith(("File ", "ray."))]
+        if named:
+            return named[-1].removeprefix("backpack.errors.")
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__

@@ -37,10 +37,10 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from backpack.core.config import load_config
-    from backpack.distill import train
+    from backpack.config import load_config
+    from backpack.run.train import train
     from backpack.eval.knowledge import evaluate_facts, format_facts
-    from backpack.pipeline import Reporter, generate
+    from backpack.run.generate import Reporter, generate
 
     overrides, tmp = list(args.overrides), None
     if not any(o.startswith("storage.path=") for o in overrides):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_queries(n: int, max_new_tokens: int):
-    from backpack.core.prompts import read_prompts
+    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
@@ -36,7 +36,7 @@ def baseline(queries, threads: int, batch_size: int) -> tuple[float, int, int]:
     """(seconds, tokens, peak rss bytes) of the in-process loop."""
     import resource
 
-    from backpack.core.config import TeacherConfig
+    from backpack.config import TeacherConfig
     from backpack.core.schema import queries_to_table
     from backpack.teachers.hf import HFTeacher
 
@@ -54,11 +54,11 @@ def actor_path(queries, replicas: int, threads: int, batch_size: int) -> tuple[f
     """(seconds, tokens, peak rss per replica) through TeacherPool + scheduler actor + DatasetStore."""
     import ray
 
-    from backpack.actors import spawn_scheduler
-    from backpack.core.config import TeacherConfig
+    from backpack.run.actors import spawn_scheduler
+    from backpack.config import TeacherConfig
     from backpack.core.schema import queries_to_table
     from backpack.data.store import DatasetStore
-    from backpack.pool import TeacherPool
+    from backpack.run.pool import TeacherPool
 
     cfg = TeacherConfig(name="smol", replicas=replicas, threads=threads, num_cpus=threads, batch_size=batch_size,
                         max_in_flight=2)

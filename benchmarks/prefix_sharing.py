@@ -4,7 +4,7 @@
                                                   [--system-repeats 0 2]
 
 `decode_batch` forwards the tokens that the prompts of a prefill group share (the chat template's system prompt,
-a task's instructions) once for the group instead of once per prompt (backpack/teachers/decode.py). This runs
+a task's instructions) once for the group instead of once per prompt (backpack/teachers/prefill.py). This runs
 the default SmolLM2-135M-Instruct on the shipped prompts, one batch of --prompts, greedy, in this process with
 every core, alternating `share_prefix=True` (measured) and `share_prefix=False` (the baseline: every prompt
 forwarded whole) --repeat times each, for each --system-repeats R: R=0 keeps the prompts as they are (most
@@ -36,7 +36,7 @@ INSTRUCTIONS = ("You are the support assistant of a bicycle maker. Answer in at 
 
 def batch(teacher, n: int, system_repeats: int):
     """Left-padded input ids and attention of the first `n` shipped prompts, with the shared system prompt."""
-    from backpack.core.prompts import read_prompts
+    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
     from backpack.teachers.decode import left_pad
 
@@ -62,14 +62,14 @@ def main() -> int:
     import torch
 
     import backpack.teachers.decode as decode
-    from backpack.core.config import TeacherConfig
+    from backpack.config import TeacherConfig
     from backpack.core.types import DecodingParams
     from backpack.teachers.hf import HFTeacher
 
     threads = os.cpu_count() or 2
     teacher = HFTeacher(TeacherConfig(name="smollm2", threads=threads))
     timed = {}
-    prefill = decode._prefill
+    prefill = decode.prefill
 
     def timed_prefill(*a, **k):  # the prefill's own seconds, beside the whole batch's
         t = time.perf_counter()
@@ -77,7 +77,7 @@ def main() -> int:
         timed["prefill"] = time.perf_counter() - t
         return out
 
-    decode._prefill = timed_prefill
+    decode.prefill = timed_prefill
     p = DecodingParams(max_new_tokens=args.max_new_tokens)
     print(f"{args.prompts} prompts, max_new_tokens={args.max_new_tokens}, greedy, {threads} threads, "
           f"median of {args.repeat} runs each, share_prefix on and off alternating")

@@ -34,8 +34,8 @@ def main() -> int:
 
     import torch
 
-    from backpack.core.config import TeacherConfig
-    from backpack.core.prompts import read_prompts
+    from backpack.config import TeacherConfig
+    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
     from backpack.teachers.decode import decode_batch, left_pad
     from backpack.teachers.hf import HFTeacher

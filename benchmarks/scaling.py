@@ -6,7 +6,7 @@ Starts its own cluster (backpack/runtime/local_cluster.py): a head and four work
 and `teacher: 1` each, and a standalone Redis (EmbeddedRedis, the runs' redis.url). Four teacher nodes of one
 slot each, rather than two of two, so that the resources alone place R replicas on R different nodes, as on a
 real cluster with one teacher per GPU node (on teacher=2 nodes Ray's default scheduler may pack two replicas on
-one node, unless `placement: strict_spread`). For each replica count it runs `backpack.pipeline.generate` on
+one node, unless `placement: strict_spread`). For each replica count it runs `backpack.run.generate.generate` on
 examples/quickstart.yaml (the default teacher SmolLM2-135M-Instruct, 1 torch thread per replica,
 `teachers.0.resources: {teacher: 1}`, storage.shared: all nodes are this machine), joining the cluster with
 `ray.address`, on the same prompts, under a fresh run name each time (nothing is reused).
@@ -54,8 +54,8 @@ def busy_seconds(dataset_dir: Path) -> float:
 
 
 def run_once(args, replicas: int, address: str, redis_url: str, storage: Path):
-    from backpack.core.config import load_config
-    from backpack.pipeline import generate
+    from backpack.config import load_config
+    from backpack.run.generate import generate
 
     name = f"scale-r{replicas}-{uuid.uuid4().hex[:8]}"
     cfg = load_config(REPO / "examples" / "quickstart.yaml", [

@@ -39,7 +39,7 @@ THREADS = os.cpu_count() or 2
 
 def load_queries(n: int, max_new_tokens: int, run: int = 0):
     """Run `run`'s `n` Queries: the shipped prompts from the (run * n)-th on, wrapping round, with fresh ids."""
-    from backpack.core.prompts import read_prompts
+    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
@@ -64,7 +64,7 @@ def paired_ratio(path: dict, peer: dict) -> float:
 
 
 def vllm_config(batch: int):
-    from backpack.core.config import TeacherConfig
+    from backpack.config import TeacherConfig
 
     return TeacherConfig(name="vllm", backend="vllm", batch_size=batch, max_in_flight=1, threads=THREADS,
                          num_cpus=THREADS, vllm={"max_model_len": 2048})
@@ -81,7 +81,7 @@ def part_peer(n: int, max_new_tokens: int, runs: list[int], with_ray: bool = Fal
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from backpack.teachers.hf import encode_chat
+    from backpack.core.chat import encode_chat
     from backpack.teachers.loader import resolve_model
     from backpack.teachers.vllm import engine_env, engine_kwargs
 
@@ -110,11 +110,11 @@ def _through_backpack(teacher, query_sets, ledger=None) -> list[dict]:
     DatasetStore."""
     import ray
 
-    from backpack.actors import spawn_scheduler
-    from backpack.core.config import LedgerConfig
+    from backpack.run.actors import spawn_scheduler
+    from backpack.config import LedgerConfig
     from backpack.core.schema import queries_to_table
     from backpack.data.store import DatasetStore
-    from backpack.pool import TeacherPool
+    from backpack.run.pool import TeacherPool
 
     pool = TeacherPool([teacher], ledger, LedgerConfig(use="always") if ledger else None)
     results = []
@@ -153,7 +153,7 @@ def part_vllm(n: int, max_new_tokens: int, runs: list[int]) -> dict:
 def part_hf(n: int, max_new_tokens: int, runs: list[int], batch: int) -> dict:
     import ray
 
-    from backpack.core.config import TeacherConfig
+    from backpack.config import TeacherConfig
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=batch, threads=THREADS, num_cpus=THREADS)
@@ -163,8 +163,8 @@ def part_hf(n: int, max_new_tokens: int, runs: list[int], batch: int) -> dict:
 def part_ledger(n: int, max_new_tokens: int, runs: list[int]) -> dict:
     import ray
 
-    from backpack.core.config import TeacherConfig
-    from backpack.ledger import QueryLedger
+    from backpack.config import TeacherConfig
+    from backpack.teachers.ledger import QueryLedger
     from backpack.runtime.redis_server import EmbeddedRedis
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -31,8 +31,8 @@ def dataset_rows(path: Path, n: int):
     if (path / "manifest.json").exists():
         return DatasetStore(path, create=False)
     # no quickstart dataset yet: make a small one with the default teacher, in-process
-    from backpack.core.config import TeacherConfig
-    from backpack.core.prompts import read_prompts
+    from backpack.config import TeacherConfig
+    from backpack.data.prompts import read_prompts
     from backpack.core.schema import queries_to_table
     from backpack.core.types import DecodingParams
     from backpack.teachers.hf import HFTeacher
@@ -112,8 +112,8 @@ def main() -> int:
 
     import ray
 
-    from backpack.core.config import StudentConfig, TrainingConfig
-    from backpack.distill import training_dataset
+    from backpack.config import StudentConfig, TrainingConfig
+    from backpack.run.train import training_dataset
     from backpack.runtime.allocator import worker_env
 
     store = dataset_rows(Path(args.dataset), 64)

@@ -23,9 +23,10 @@ def run(command: str, argv: list[str] | None = None) -> int:
 def print_report(config: str, overrides: list[str]) -> None:
     """The run's report.md into the job's log, so `ray job logs JOB_ID` gives the report back even to a user
     who cannot reach the cluster's storage."""
-    from backpack.core.config import load_config
+    from backpack.config import load_config
+    from backpack.data.storage import run_files
 
-    files = load_config(config, overrides, check_files=False).files  # a shared folder or an object store
+    files = run_files(load_config(config, overrides, check_files=False))  # a shared folder or an object store
     text = files.read_text("report/report.md")
     if text is not None:
         print(f"\n----- {files.uri('report/report.md')} -----\n{text}", flush=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from backpack.core.config import StudentConfig
+from backpack.config import StudentConfig
 from backpack.errors import InputError
 from backpack.student.autopilot import layer_indices, load_student, tokenizer_fingerprint
 

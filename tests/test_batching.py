@@ -1,4 +1,4 @@
-"""Dynamic batching (backpack/core/batching.py) with a fake model, then length bucketing and batching on the
+"""Dynamic batching (backpack/teachers/batching.py) with a fake model, then length bucketing and batching on the
 tiny hf teacher, in-process and through a Ray actor."""
 
 import threading
@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pytest
 
-from backpack.core.batching import BatcherClosed, DynamicBatcher
-from backpack.core.config import TeacherConfig
+from backpack.teachers.batching import BatcherClosed, DynamicBatcher
+from backpack.config import TeacherConfig
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 
@@ -166,7 +166,7 @@ def test_bad_limits_are_refused():
 
 
 def test_config_switch_and_actor_options():
-    from backpack.actors import teacher_options
+    from backpack.run.actors import teacher_options
 
     on = TeacherConfig(name="t", max_in_flight=6)
     assert on.dynamic_batching() and teacher_options(on)["max_concurrency"] == 8
@@ -221,7 +221,7 @@ def test_concurrent_generate_calls_share_one_model_batch(tiny_model_dir):
 def test_threaded_teacher_actor_gathers_calls_and_answers_ready_meanwhile(ray_session, tiny_model_dir):
     import ray
 
-    from backpack.actors import spawn_teacher
+    from backpack.run.actors import spawn_teacher
 
     cfg = TeacherConfig(name="tiny", model=tiny_model_dir, batch_size=8, max_in_flight=4, num_cpus=1,
                         max_batch_wait_ms=10_000)

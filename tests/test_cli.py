@@ -154,11 +154,11 @@ def test_flags_may_come_between_the_config_and_its_overrides():
 def test_progress_off_a_terminal_is_a_line_every_few_seconds():
     import io
 
-    from backpack.cli import _BarReporter
+    from backpack.runtime.progress import TerminalReporter
 
     now = [0.0]
     out = io.StringIO()  # not a terminal
-    rep = _BarReporter(stream=out, clock=lambda: now[0])
+    rep = TerminalReporter(stream=out, clock=lambda: now[0])
     for done in range(1, 11):  # one answer a second, 10 of them
         rep.progress(done, 0, 10, tokens=20 * done, seconds=float(done))
         now[0] += 1.0
@@ -167,5 +167,5 @@ def test_progress_off_a_terminal_is_a_line_every_few_seconds():
     assert out.getvalue().splitlines() == ["[backpack] answered 1/10 (0 failed), 20.0 tok/s",
                                            "[backpack] answered 10/10 (0 failed), 20.0 tok/s"]
     quiet = io.StringIO()
-    _BarReporter(quiet=True, stream=quiet).progress(1, 0, 10, 5, 1.0)
+    TerminalReporter(quiet=True, stream=quiet).progress(1, 0, 10, 5, 1.0)
     assert quiet.getvalue() == ""

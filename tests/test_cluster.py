@@ -16,7 +16,7 @@ import yaml
 
 from backpack.runtime.local_cluster import LocalCluster
 from backpack.runtime.redis_server import EmbeddedRedis
-from backpack.runtime.storage import RunFiles, join_uri
+from backpack.data.storage import RunFiles, join_uri
 from conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.integration

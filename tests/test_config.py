@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backpack.core.config import RunConfig, apply_overrides, load_config, validate_config
+from backpack.config import RunConfig, apply_overrides, load_config, validate_config
+from backpack.data.storage import run_files
 from backpack.errors import ConfigError
 
 from conftest import EXAMPLES, REPO
@@ -77,8 +78,8 @@ def test_placement_and_resources_are_checked(tmp_path):
     assert probs[0].startswith("storage.path: 's3://?region=x' names no bucket or folder after s3://")
     remote = validate_config(minimal(tmp_path, name="r", storage={"path": "s3://bucket/runs?scheme=http",
                                                                   "local_path": str(tmp_path / "work")}))
-    assert remote.storage.remote and remote.files.uri("dataset") == "s3://bucket/runs/r/dataset?scheme=http"
-    assert remote.dataset_dir == remote.files.uri("dataset") and remote.run_dir.parent == tmp_path / "work"
+    assert remote.storage.remote and run_files(remote).uri("dataset") == "s3://bucket/runs/r/dataset?scheme=http"
+    assert remote.dataset_dir == run_files(remote).uri("dataset") and remote.run_dir.parent == tmp_path / "work"
     local = validate_config(minimal(tmp_path, name="l", storage={"path": f"file://{tmp_path}/runs"}))
     assert not local.storage.remote and local.run_dir == tmp_path / "runs" / "l"
     cfg = validate_config(minimal(tmp_path, teachers=[{"name": "a", "resources": {"teacher": 1}, "placement": "spread",
@@ -127,7 +128,7 @@ def test_every_shipped_yaml_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
     data = yaml.safe_load(Path(path).read_text())
     if isinstance(data, dict) and set(data) == {"tasks"}:  # a knowledge pack, not a run config
-        from backpack.mental.pack import load_pack
+        from backpack.config.knowledge import load_pack
 
         assert load_pack(path).tasks
     else:

@@ -17,12 +17,12 @@ from collections import Counter
 
 import pytest
 
-from backpack.continual import ContinualRun
-from backpack.core.config import (ContinualConfig, EvalConfig, PromptsConfig, RedisConfig, RunConfig,
+from backpack.run.continual import ContinualRun
+from backpack.config import (ContinualConfig, EvalConfig, PromptsConfig, RedisConfig, RunConfig,
                                   SchedulerConfig, ServeConfig, StorageConfig, StudentConfig, TeacherConfig,
                                   TrainingConfig)
 from backpack.data.store import DatasetStore
-from backpack.intake import Intake, backlog
+from backpack.scheduling.intake import Intake, backlog
 from backpack.runtime.redis_server import RunKeys
 from backpack.student.continual import freshness_path
 from backpack.student.registry import Registry
@@ -170,7 +170,7 @@ def test_nothing_lost_when_a_teacher_the_scheduler_and_a_trainer_worker_die(
     b = backlog(redis_server.url, cfg.name)
     assert (b.waiting, b.in_progress) == (0, 0) and b.answered + b.failed >= 24
     assert first.restarts.get("teacher") and first.restarts.get("scheduler")
-    from backpack.ops import incidents_of  # the teacher's death is on record for `backpack status`
+    from backpack.run.ops import incidents_of  # the teacher's death is on record for `backpack status`
 
     assert any(i["what"] == "died: started again" for i in incidents_of(cfg))
     # Ray Train restarted the worker group from the last checkpoint (training.max_failures) and it went on
@@ -263,12 +263,10 @@ def _status(path) -> dict:
 def test_a_trainer_stuck_after_its_last_checkpoint_does_not_hold_the_driver(ray_session, tmp_path, monkeypatch):
     """Ray Train has been seen not to return after the worker wrote the stop's checkpoint: the driver waits a
     grace period once that checkpoint exists, then cancels the task and says where the next run resumes."""
-    import types
-
     import ray
 
-    import backpack.continual as continual
-    from backpack.runtime.storage import RunFiles
+    import backpack.run.continual as continual
+    from backpack.data.storage import RunFiles
 
     def stuck():  # defined here: Ray ships it by value (the test module is not importable in its workers)
         time.sleep(3600)
@@ -277,16 +275,13 @@ def test_a_trainer_stuck_after_its_last_checkpoint_does_not_hold_the_driver(ray_
     files = RunFiles(tmp_path)
     files.write_text("train/old/checkpoint_1/state.json", json.dumps({"step": 3}))
     said = []
-    run = types.SimpleNamespace(cfg=types.SimpleNamespace(files=files), result=types.SimpleNamespace(step=0),
-                                rep=types.SimpleNamespace(stage=said.append),
-                                trainer=ray.remote(num_cpus=0)(stuck).remote())
-    run._checkpoints = types.MethodType(ContinualRun._checkpoints, run)
-    before = run._checkpoints()
+    trainer = ray.remote(num_cpus=0)(stuck).remote()
+    before = continual._checkpoints(files)
     files.write_text("train/old/checkpoint_2/state.json", json.dumps({"step": 5}))  # the stop's checkpoint
     t0 = time.monotonic()
-    ContinualRun._stop_trainer(run, before)
+    continual.stop_trainer(trainer, files, before, said.append)
     assert time.monotonic() - t0 < 30
     assert said == ["the trainer did not return after writing its last checkpoint; stopped it. The next run "
                     "resumes from step 5"]
     with pytest.raises(ray.exceptions.TaskCancelledError):
-        ray.get(run.trainer, timeout=30)
+        ray.get(trainer, timeout=30)

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from backpack.core.config import validate_config
-from backpack.distill import evaluate, train
+from backpack.config import validate_config
+from backpack.run.evaluate import evaluate
+from backpack.run.train import train
 from backpack.errors import ConfigError, InputError
-from backpack.pipeline import generate
+from backpack.run.generate import generate
 
 from conftest import EXAMPLES
 

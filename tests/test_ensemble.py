@@ -7,12 +7,12 @@ from collections import Counter, defaultdict
 import pyarrow as pa
 import pytest
 
-from backpack.core.config import EnsembleConfig, validate_config
-from backpack.core.ensemble import EnsembleHold, agreement, first, logprob, longest, pick_teachers
+from backpack.config import EnsembleConfig, validate_config
+from backpack.scheduling.ensemble import EnsembleHold, agreement, first, logprob, longest, pick_teachers
 from backpack.core.schema import completions_to_table, failed_table, queries_to_table, table_to_queries
 from backpack.core.types import Completion, DecodingParams, Query
 from backpack.errors import ConfigError
-from backpack.scheduler import Scheduler, run_sync
+from backpack.scheduling.scheduler import Scheduler, run_sync
 from test_scheduler import Died, ListSink  # (tests/ is on sys.path under pytest)
 
 # ---------------------------------------------------------------- the rules, on plain rows

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from backpack.core.accounting import format_usage, teacher_usage
-from backpack.core.config import validate_config
+from backpack.teachers.accounting import format_usage, teacher_usage
+from backpack.config import validate_config
 from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
 from backpack.core.types import Completion, DecodingParams, Query
-from backpack.ledger import LedgerTeacher, QueryLedger, ledger_key
+from backpack.teachers.ledger import LedgerTeacher, QueryLedger, ledger_key
 
 from conftest import EXAMPLES
 
@@ -112,10 +112,10 @@ def test_usage_counts_spend_only_for_answers_a_teacher_was_asked_for():
 def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_model_dir, tmp_path, redis_server):
     """Two runs with the same openai teacher (Backpack's own StudentServer as the endpoint) and one Redis server:
     the second run stores the same answers and sends the endpoint nothing."""
-    from backpack.core.config import ServeConfig, StudentConfig
+    from backpack.config import ServeConfig, StudentConfig
     from backpack.data.store import DatasetStore
-    from backpack.pipeline import generate
-    from backpack.student.server import StudentServer
+    from backpack.run.generate import generate
+    from backpack.serve.server import StudentServer
 
     ray = ray_session
     server = ray.remote(StudentServer).options(num_cpus=0).remote(StudentConfig(base=tiny_model_dir),
@@ -140,7 +140,7 @@ def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_mode
         assert sorted(r["text"] for r in rows1) == sorted(r["text"] for r in rows2)
         assert {r["replica"] for r in rows2} == {"ledger"}                # each row says the ledger answered it
         # the replicas' counters are on record for `backpack status` and the report
-        from backpack.ops import format_status, replicas_of, status
+        from backpack.run.ops import format_status, replicas_of, status
 
         assert replicas_of(cfg1)["api/0"] == {"backend": "openai", "requests": 5}
         assert replicas_of(cfg2)["api/0"] | {"ledger_hits": 5} == replicas_of(cfg2)["api/0"]

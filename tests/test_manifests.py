@@ -24,7 +24,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
-from backpack.core.config import load_config
+from backpack.config import load_config
 
 from conftest import REPO
 

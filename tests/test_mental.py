@@ -8,14 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from backpack.core.config import validate_config
-from backpack.core.grounding import grounding, keep_for_training
-from backpack.core.recall import with_context
+from backpack.config import validate_config
+from backpack.data.grounding import grounding, keep_for_training
+from backpack.core.chat import with_context
 from backpack.core.schema import DATASET_SCHEMA
 from backpack.data.store import DatasetStore
 from backpack.errors import ConfigError, InputError
 from backpack.eval.facts import fact_found, load_questions, normalise, score
-from backpack.mental.pack import Experience, Passage, load_pack, parse_pack
+from backpack.config.knowledge import Experience, Passage, load_pack, parse_pack
 from backpack.mental.recall import Recaller, TokenCounter
 from backpack.mental.setup import check_budget
 from backpack.mental.store import MentalStore, UnknownTaskError
@@ -144,7 +144,7 @@ def test_grounding_flags_claims_the_context_does_not_make():
 
 
 def test_grounded_only_training_rows_drop_ungrounded_answers_with_context():
-    from backpack.distill import training_rows
+    from backpack.data.splits import training_rows
 
     rows = [{"query_id": "a", "status": "ok", "text": "It costs 385 euros.", "context": "Kestrel: 385 euros."},
             {"query_id": "b", "status": "ok", "text": "It costs 999 euros.", "context": "Kestrel: 385 euros."},
@@ -192,7 +192,7 @@ def test_shards_written_before_the_recall_columns_still_read(tmp_path):
                status="ok", teacher="x", decoding={"max_new_tokens": 4, "temperature": 0.0, "top_k": 0,
                                                    "top_p": 1.0, "repetition_penalty": 1.0, "n": 1, "seed": None,
                                                    "logprobs": 0})
-    from backpack.core.manifest import Manifest
+    from backpack.data.manifest import Manifest
 
     pq.write_table(pa.Table.from_pylist([row], schema=old_schema), tmp_path / "ds" / "shards" / "old.parquet")
     m = Manifest()
@@ -280,9 +280,9 @@ def test_mental_commands_import_show_add_export(tmp_path, smol_dir, capsys):
 def test_context_distillation_end_to_end_on_the_shipped_pack(ray_session, tiny_model_dir, tmp_path):
     """A tiny teacher answers the shipped prompts with recall; each row records what was recalled and the
     knowledge version; the training text is the prompt alone; a student trains; the four settings are scored."""
-    from backpack.distill import train
+    from backpack.run.train import train
     from backpack.eval.knowledge import evaluate_facts
-    from backpack.pipeline import generate
+    from backpack.run.generate import generate
     from backpack.student.examples import build_examples
     from transformers import AutoTokenizer
 
@@ -332,8 +332,8 @@ def test_student_served_with_recall(redis_server, tiny_model_dir, count):
 
     import torch
 
-    from backpack.core.config import ServeConfig, StudentConfig
-    from backpack.student.server import StudentServer
+    from backpack.config import ServeConfig, StudentConfig
+    from backpack.serve.server import StudentServer
 
     store = MentalStore(redis_server.url, "served")
     store.import_pack(small_pack())

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pyarrow as pa
 import pytest
 
-from backpack.core.config import TeacherConfig, validate_config
-from backpack.core.ratelimit import RateLimiter, backoff_s
+from backpack.config import TeacherConfig, validate_config
+from backpack.teachers.ratelimit import RateLimiter, backoff_s
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.errors import ConfigError, TeacherError
@@ -202,10 +202,10 @@ def test_teacher_level_failures_raise_so_the_batch_is_rerouted(scripted, monkeyp
 
 @pytest.mark.integration
 def test_answers_from_the_student_server_alone_and_through_generate(ray_session, tiny_model_dir, tmp_path):
-    from backpack.core.config import ServeConfig, StudentConfig
+    from backpack.config import ServeConfig, StudentConfig
     from backpack.data.store import DatasetStore
-    from backpack.pipeline import generate
-    from backpack.student.server import StudentServer
+    from backpack.run.generate import generate
+    from backpack.serve.server import StudentServer
 
     ray = ray_session
     server = ray.remote(StudentServer).options(num_cpus=0).remote(StudentConfig(base=tiny_model_dir),

@@ -7,14 +7,14 @@ import time
 import psutil
 import pytest
 
-from backpack.actors import spawn_scheduler
-from backpack.core.config import TeacherConfig, validate_config
+from backpack.run.actors import spawn_scheduler
+from backpack.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.data.store import DatasetStore
 from backpack.errors import ResourceError, TeacherError
-from backpack.pipeline import generate
-from backpack.pool import TeacherPool
+from backpack.run.generate import generate
+from backpack.run.pool import TeacherPool
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,7 @@ def test_a_teacher_that_cannot_start_leaves_the_run_to_the_others(ray_session, s
     """One of two teachers is down at start (its model does not load): the run goes on with the other, every
     prompt is answered, a prompt that asked for the broken teacher alone is failed naming it, and the incident
     is recorded for `backpack status` (and the report)."""
-    from backpack.ops import format_status, status
+    from backpack.run.ops import format_status, status
 
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -186,7 +186,7 @@ def test_two_teachers_route_by_requested_teacher(ray_session, smol_dir, tiny_mod
 
 def test_one_run_of_a_name_at_a_time(tmp_path):
     from backpack.errors import InputError
-    from backpack.pipeline import run_lock
+    from backpack.runtime.session import run_lock
 
     cfg = _config(tmp_path, [b'{"prompt": "hi"}'])
     with run_lock(cfg):

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from backpack.core.config import StudentConfig, TeacherConfig
+from backpack.config import StudentConfig, TeacherConfig
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
-from backpack.eval.evaluate import evaluate_model, is_heldout
+from backpack.data.splits import is_heldout
+from backpack.eval.evaluate import evaluate_model
 from backpack.eval.report import write_report
 from backpack.student import checkpoints
 from backpack.student.autopilot import load_student

@@ -7,7 +7,7 @@ import pytest
 
 from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
 from backpack.core.types import Completion, Query
-from backpack.scheduler import Scheduler, run_sync
+from backpack.scheduling.scheduler import Scheduler, run_sync
 
 
 class Died(Exception):
@@ -141,7 +141,7 @@ def test_one_poison_query_fails_alone():
 def test_routing_policies_by_task_cheapest_and_fallback():
     """The pure policies on replica snapshots: tags pick specialists (generalists when no live teacher is tagged
     for the task), cost orders cheapest, config order is the fallback chain."""
-    from backpack.core.routing import ReplicaView, by_task, cheapest, fallback
+    from backpack.scheduling.routing import ReplicaView, by_task, cheapest, fallback
 
     views = [ReplicaView("math/0", "math", tags=("math",), cost=2.0, rank=0),
              ReplicaView("poet/0", "poet", tags=("poetry",), cost=0.5, rank=1),

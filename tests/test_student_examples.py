@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from backpack.core.config import StudentConfig, TeacherConfig
+from backpack.config import StudentConfig, TeacherConfig
 from backpack.core.losses import IGNORE
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query

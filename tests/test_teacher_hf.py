@@ -2,7 +2,7 @@
 
 import pytest
 
-from backpack.core.config import TeacherConfig
+from backpack.config import TeacherConfig
 from backpack.core.schema import DATASET_SCHEMA, queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.errors import ModelNotFoundError
@@ -134,7 +134,7 @@ def test_a_prompt_prefix_shared_by_a_prefill_group_is_forwarded_once(smol):
     """The prompts all begin with the chat template's default system prompt: decode_batch forwards it once per
     prefill group instead of once per prompt, and answers exactly as it does when every prompt is forwarded
     whole (and as `generate` does, tested above)."""
-    import backpack.teachers.decode as decode
+    import backpack.teachers.prefill as prefill
 
     positions = []
     hook = smol.model.register_forward_pre_hook(lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()),
@@ -148,7 +148,7 @@ def test_a_prompt_prefix_shared_by_a_prefill_group_is_forwarded_once(smol):
     finally:
         hook.remove()
     # generate's positions are in both sums alike; the prefix (24 tokens) is forwarded once, not 4 times
-    assert without - with_sharing >= 3 * decode.MIN_SHARED_PREFIX
+    assert without - with_sharing >= 3 * prefill.MIN_SHARED_PREFIX
     assert shared.tokens == whole.tokens and shared.stopped == whole.stopped
     for a, b in zip(shared.chosen, whole.chosen):
         assert a == pytest.approx(b, abs=2e-3)
@@ -158,7 +158,7 @@ def test_sliding_window_models_are_told_apart():
     """A sliding window counts cache columns, so those models keep plain left padding (no shared prefix)."""
     from transformers import LlamaConfig, Qwen2Config
 
-    from backpack.teachers.decode import _windowed
+    from backpack.teachers.prefill import _windowed
 
     assert not _windowed(LlamaConfig())
     assert not _windowed(Qwen2Config(use_sliding_window=False))
@@ -241,16 +241,16 @@ def test_a_packed_linear_computes_what_the_linear_did():
 @pytest.mark.parametrize("keep,rows", [([0, 2, 5, 6], 7), ([3], 4), ([0, 1, 2], 3), ([1, 2, 4, 7, 8, 9], 10)])
 def test_dropping_rows_moves_only_the_rows_that_must_move(keep, rows):
     """The decode loop drops stopped rows by moving rows from the tail into their places, in place: the kept rows
-    and their cache columns come out as indexing would give them, in the order `_refill_order` says."""
+    and their cache columns come out as indexing would give them, in the order `refill_order` says."""
     import torch
 
-    from backpack.teachers.decode import _GrowingLayer, _refill_order
+    from backpack.teachers.kvcache import GrowingLayer, refill_order
 
-    order = _refill_order(keep, rows)
+    order = refill_order(keep, rows)
     assert sorted(order) == keep
     assert all(j == i or j >= len(keep) for i, j in enumerate(order))  # a place's row never moved before it is read
     keys, values = torch.randn(rows, 2, 9, 4), torch.randn(rows, 2, 9, 4)
-    layer = _GrowingLayer(keys.clone(), values.clone(), length=6)
+    layer = GrowingLayer(keys.clone(), values.clone(), length=6)
     layer.keep_rows(order)
     assert torch.equal(layer.keys, keys[order, :, :6]) and torch.equal(layer.values, values[order, :, :6])
     layer.update(torch.ones(len(keep), 2, 1, 4), torch.ones(len(keep), 2, 1, 4))  # the next column still fits
@@ -261,7 +261,7 @@ def test_prompts_of_two_system_prompts_share_each_prefix_once_per_class(smol):
     """Prefill groups are cut within a class of prompts that begin alike, so two system prompts in one batch
     never land in one group; a class spanning several groups forwards its shared prefix once. Same answers as
     forwarding every prompt whole, and as `generate`."""
-    from backpack.teachers.decode import _classes, _prefill_order, _shared_prefix
+    from backpack.teachers.prefill import _classes, _shared_prefix, prefill_order
 
     persona = "You are Pellucid's repair assistant. Answer in one short sentence, naming the part you mean."
     questions = ["What is a derailleur?", "Why do chains squeak?", "How do I fix a flat tyre?"]
@@ -269,7 +269,7 @@ def test_prompts_of_two_system_prompts_share_each_prefix_once_per_class(smol):
     messages += [[{"role": "user", "content": q}] for q in questions]  # the template's default system prompt
     p = DecodingParams(max_new_tokens=10, logprobs=2)
     ids = [smol._encode(Query(messages=m, decoding=p)) for m in messages]
-    prompts = [ids[r] for r in _prefill_order(ids)]
+    prompts = [ids[r] for r in prefill_order(ids)]
     assert [(c.start, c.stop) for c in _classes(prompts)] == [(0, 3), (3, 6)]
     positions = []
     hook = smol.model.register_forward_pre_hook(lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()),
@@ -308,28 +308,28 @@ def test_prefill_groups_are_the_cheapest_cut_within_the_limits():
     import itertools
     import random
 
-    import backpack.teachers.decode as decode
+    import backpack.teachers.prefill as prefill
 
     def cost(runs, lengths):
-        return sum((r.stop - r.start) * lengths[r.stop - 1] + decode.PREFILL_CALL_POSITIONS for r in runs)
+        return sum((r.stop - r.start) * lengths[r.stop - 1] + prefill.PREFILL_CALL_POSITIONS for r in runs)
 
     def allowed(runs, lengths, max_rows):
         return all(r.stop - r.start <= max_rows and (r.stop - r.start == 1 or
-                   (r.stop - r.start) * lengths[r.stop - 1] <= decode.PREFILL_POSITIONS) for r in runs)
+                   (r.stop - r.start) * lengths[r.stop - 1] <= prefill.PREFILL_POSITIONS) for r in runs)
 
     rng = random.Random(0)
     for _ in range(60):
         n, max_rows = rng.randint(1, 8), rng.choice([1, 2, 3, 8])
         lengths = sorted(rng.choice([rng.randint(1, 40), rng.randint(300, 1200)]) for _ in range(n))
-        runs = decode._prefill_groups(lengths, max_rows)
+        runs = prefill._prefill_groups(lengths, max_rows)
         assert [r.start for r in runs] == [0] + [r.stop for r in runs[:-1]] and runs[-1].stop == n
         assert allowed(runs, lengths, max_rows)
         cuts = [[slice(a, b) for a, b in zip((0,) + c, c + (n,))]
                 for k in range(n) for c in itertools.combinations(range(1, n), k)]
         assert cost(runs, lengths) == min(cost(c, lengths) for c in cuts if allowed(c, lengths, max_rows))
-    assert decode._prefill_groups([], 8) == []
+    assert prefill._prefill_groups([], 8) == []
     # similar lengths share a forward; a much longer prompt is not padded to by the others
-    assert decode._prefill_groups([10, 11, 11, 12, 90], 8) == [slice(0, 4), slice(4, 5)]
+    assert prefill._prefill_groups([10, 11, 11, 12, 90], 8) == [slice(0, 4), slice(4, 5)]
 
 
 def test_kv_buffers_are_reused_from_batch_to_batch_with_the_same_answers(smol):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from backpack.core.config import StudentConfig, TeacherConfig, TrainingConfig
+from backpack.config import StudentConfig, TeacherConfig, TrainingConfig
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.data.store import DatasetStore

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from backpack.core.config import TeacherConfig, validate_config
+from backpack.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.teachers.vllm import engine_env, engine_kwargs, sampling_kwargs, split_logprobs, vllm_available
@@ -108,9 +108,9 @@ def test_a_vllm_teacher_answers_with_ids_and_logprobs_and_its_dead_engine_loses_
     replica dead and the hf teacher answers everything; no prompt is lost."""
     from transformers import AutoTokenizer
 
-    from backpack.actors import spawn_scheduler
+    from backpack.run.actors import spawn_scheduler
     from backpack.data.store import DatasetStore
-    from backpack.pool import TeacherPool
+    from backpack.run.pool import TeacherPool
 
     hf = TeacherConfig(name="slow", replicas=1, batch_size=2, threads=1, num_cpus=1, max_batch_wait_ms=0)
     fast = vllm_teacher(batch_size=4, vllm={"max_model_len": 1024, "cpu_kv_cache_gib": 0.5, "max_logprobs": 25})

@@ -1,1 +1,2 @@
-"""Evaluating students against their teachers: metrics per version, reports and plots."""
+"""Evaluating students against their teachers: metrics per version, fact accuracy, the promotion gate of a
+continual run, reports and plots."""

@@ -3,13 +3,11 @@
 Metrics per version: per-token NLL and perplexity of the teacher's answers under the student (teacher-forced),
 chrF agreement of the student's greedy answers with the teacher's answers (sacrebleu), the mean forward KL to
 the teacher's stored top-k distribution (where the teacher stored logprobs), the student's size and its
-generation speed. The held-out split is a deterministic hash of the query id, so a query is either always
-evaluated or always trained on.
+generation speed. The held-out rows are those `backpack.data.splits` holds out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -18,12 +16,6 @@ import torch
 from backpack.core.losses import sequence_ce, topk_divergence
 from backpack.core.schema import table_to_queries
 from backpack.core.types import DecodingParams
-
-
-def is_heldout(query_id: str, fraction: float, seed: int = 0) -> bool:
-    """Deterministic split: about `fraction` of query ids are held out, the same ones on every run."""
-    h = int(hashlib.sha256(f"{seed}:{query_id}".encode()).hexdigest()[:8], 16)
-    return h / 2**32 < fraction
 
 
 def _teacher_forced(model, tokenizer, rows, max_len: int, top_k: int, batch_size: int) -> tuple[float, float, int]:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from backpack.core.config import ContinualConfig, EvalConfig, RunConfig
+from backpack.config import RunConfig
+from backpack.data.splits import split
+from backpack.data.store import DatasetStore
 
 METRICS = {"nll": "nll", "kl": "kl_to_teacher", "chrf": "chrf"}   # gate metric -> evaluate_model key
 LOWER_IS_BETTER = {"nll": True, "kl": True, "chrf": False}
@@ -69,14 +72,12 @@ class Gate:
     thread, or make it an actor where the run is assembled. Picklable (the Registry connects lazily)."""
 
     def __init__(self, cfg: RunConfig, registry, cache_dir: Optional[str | Path] = None, threads: int = 1):
-        if cfg.student is None:
+        if not cfg.given("student"):
             raise ValueError(f"run {cfg.name!r} has no student section: the gate has no base to load")
         self.cfg = cfg
         self.registry = registry
-        self.cc = cfg.continual or ContinualConfig()
-        self.ec = cfg.eval or EvalConfig()
-        self.max_len = cfg.training.max_len if cfg.training else 512
-        self.top_k = cfg.training.top_k if cfg.training else 4
+        self.cc, self.ec = cfg.continual, cfg.eval
+        self.max_len, self.top_k = cfg.training.max_len, cfg.training.top_k
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cfg.run_dir / "eval" / "gate"
         self.threads = threads
         self.evaluations = 0  # versions actually measured (not read from the cache) by this Gate
@@ -87,13 +88,10 @@ class Gate:
         """The first `gate_rows` held-out answered rows of the dataset in the order they were stored (the same
         held-out split training leaves out); [] while the dataset has none. Store order, so the rows stop
         changing once there are enough of them, and the live version's cached score stays valid."""
-        from backpack.data.store import DatasetStore
-        from backpack.distill import _split
-
         store = DatasetStore(str(self.cfg.dataset_dir), create=False)
-        if store.version == 0:  # _split refuses an empty dataset; for the gate it just means "not yet"
+        if store.version == 0:  # split refuses an empty dataset; for the gate it just means "not yet"
             return []
-        _, held = _split(self.cfg, store)
+        _, held = split(store, self.ec.heldout_fraction)
         return held[: self.cc.gate_rows]
 
     def _cache_path(self, version: int, meta: Optional[dict], rows: list[dict]) -> Path:
@@ -169,3 +167,53 @@ class Gate:
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.registry.set_gate(version, record)  # after promote: a "promoted" record is always true
         return record
+
+
+class GateWatcher:
+    """Judges each version a continual run's trainer publishes (promote or keep), in order, in a thread of the
+    driver. Nothing ends the thread but `stop`: a Redis hiccup or a broken version is reported and retried."""
+
+    def __init__(self, cfg: RunConfig, registry, store: DatasetStore, report: Callable[[str], None],
+                 interval_s: float = 1.0):
+        self.cfg, self.registry, self.store, self.report, self.interval_s = cfg, registry, store, report, interval_s
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="promotion-gate", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=120)
+
+    def _loop(self) -> None:
+        gate = Gate(self.cfg, self.registry, threads=1)
+        waiting_for_rows = None  # (version, dataset version) of a version kept for want of held-out rows
+        while not self._stop.is_set():
+            version = None
+            try:
+                version = self.next_version()
+                data = self.store.version
+                if version is None or waiting_for_rows == (version, data):
+                    self._stop.wait(self.interval_s)
+                    continue
+                record = gate.judge(version)
+                self.report(f"student version {version}: {record['decision']} ({record['reason']})")
+                waiting_for_rows = (version, data) if not record["rows"] else None
+            except Exception as e:  # noqa: BLE001
+                self.report(f"the promotion gate could not judge version {version}: {type(e).__name__}: {e}")
+                self._stop.wait(self.interval_s * 10)
+
+    def next_version(self) -> Optional[int]:
+        """The newest version newer than the live one that is not judged yet (or was kept only for want of
+        held-out rows). Older unjudged versions are superseded by it: judging them would only delay it."""
+        live = self.registry.live() or 0
+        for meta in sorted(self.registry.versions(), key=lambda m: -m["version"]):
+            if meta["version"] <= live:
+                return None
+            gate = meta.get("gate")
+            if gate is None or (gate.get("decision") == "kept" and not gate.get("rows")):
+                return meta["version"]
+            return None  # the newest version is judged: nothing to do until the next one
+        return None
+

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from backpack.core.config import RunConfig
+from backpack.config import RunConfig
 from backpack.core.types import DecodingParams, Query
 from backpack.errors import InputError
 from backpack.eval.facts import Question, load_questions, score
@@ -46,21 +46,20 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
     """Score the four settings on `questions_path`; writes `<run>/eval/facts-<file stem>.json`."""
     import torch
 
-    from backpack.distill import require_sections
+    from backpack.data.storage import run_files
     from backpack.mental.setup import prepare_recall
-    from backpack.pipeline import Reporter, attach_redis
+    from backpack.runtime.progress import Reporter
+    from backpack.runtime.session import attach_redis
     from backpack.student.registry import Registry, load_version
     from backpack.teachers.base import build_teacher
     from backpack.teachers.hf import HFTeacher
 
-    require_sections(cfg, "student")
+    cfg.require("student")
     if cfg.mental is None:
         raise InputError("evaluating fact accuracy needs the config's mental: section (the knowledge the teacher "
                          "recalls)")
-    rep = reporter or Reporter()
-    ec = cfg.eval
-    max_new = ec.max_new_tokens if ec else 64
-    batch = ec.batch_size if ec else 8
+    rep, files = reporter or Reporter(), run_files(cfg)
+    max_new, batch = cfg.eval.max_new_tokens, cfg.eval.batch_size
     questions = load_questions(questions_path, cfg.prompts.default_task)
     t0 = time.perf_counter()
     with attach_redis(cfg) as url:
@@ -71,7 +70,7 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
             raise InputError(f"questions name task(s) {missing} that have no knowledge (the store has "
                              f"{sorted(known)})")
         recalled = {q.id: recaller.recall(q.task, q.question, known) for q in questions}
-        metas = {m["version"]: m for m in Registry(url, cfg.name, cfg.files).versions()}
+        metas = {m["version"]: m for m in Registry(url, cfg.name, files).versions()}
     contexts = {qid: r.context for qid, (r, _) in recalled.items()}
     if version is None:
         version = max(metas) if metas else None
@@ -117,8 +116,8 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
                      **{k: v[i] for k, v in answers.items()}} for i, q in enumerate(questions)],
     }
     rel = f"eval/facts-{Path(questions_path).stem}.json"
-    cfg.files.write_text(rel, json.dumps(out, indent=1, ensure_ascii=False))
-    out["path"] = cfg.files.uri(rel)
+    files.write_text(rel, json.dumps(out, indent=1, ensure_ascii=False))
+    out["path"] = files.uri(rel)
     return out
 
 

@@ -37,17 +37,17 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
         if not isinstance(v, (dict, list)):
             lines.append(f"- {k}: {v}")
     if extra.get("teachers"):
-        from backpack.core.accounting import format_usage
+        from backpack.teachers.accounting import format_usage
 
         lines += ["", "## Teachers", ""] + format_usage(extra["teachers"])
     if extra.get("replicas"):
-        from backpack.core.accounting import format_replicas
+        from backpack.teachers.accounting import format_replicas
 
         counted = format_replicas(extra["replicas"])
         if counted:
             lines += ["", "## Teacher replicas", ""] + [f"- {name} ({text})" for name, text in counted]
     if extra.get("incidents"):
-        from backpack.core.accounting import format_incidents
+        from backpack.teachers.accounting import format_incidents
 
         lines += ["", "## Teacher incidents", "",
                   "Replicas that could not start or died; their prompts went to other replicas."] + \

@@ -1,1 +1,2 @@
-"""The Mental Process: per-task knowledge (persona, passages, experiences) recalled in front of teacher prompts."""
+"""The Mental Process: per-task knowledge (persona, passages, experiences) in a versioned Redis store, ranked by
+BM25 and recalled in front of teacher prompts (the pack file format is `backpack.config.knowledge`)."""

@@ -20,28 +20,25 @@ import sys
 import yaml
 from pydantic import ValidationError
 
-from backpack.core.config import MentalConfig, RunConfig
+from backpack.config import RunConfig
+from backpack.config.knowledge import Experience, Passage, pack_jsonl
 from backpack.errors import InputError
-from backpack.mental.pack import Experience, Passage, pack_jsonl
 from backpack.mental.setup import load_checked_pack, over_budget, token_counter
 from backpack.mental.store import MentalStore
+from backpack.runtime.session import attach_redis
 
 
 def _budget(cfg: RunConfig) -> int:
-    return (cfg.mental or MentalConfig()).budget
+    return cfg.mental_settings().budget
 
 
 def import_file(cfg: RunConfig, path: str) -> dict:
-    from backpack.pipeline import attach_redis
-
     pack = load_checked_pack(path, _budget(cfg), token_counter(cfg))  # before the run's Redis is reached
     with attach_redis(cfg) as url:
         return MentalStore(url, cfg.name).import_pack(pack, note=f"import {path}")
 
 
 def show(cfg: RunConfig, task: str | None, version: int | None = None) -> dict:
-    from backpack.pipeline import attach_redis
-
     with attach_redis(cfg) as url:
         store = MentalStore(url, cfg.name)
         if task is None:
@@ -53,8 +50,6 @@ def show(cfg: RunConfig, task: str | None, version: int | None = None) -> dict:
 
 def add(cfg: RunConfig, task: str, item_id: str | None, passage: str | None, question: str | None,
         answer: str | None, persona: str | None) -> int:
-    from backpack.pipeline import attach_redis
-
     kinds = [passage is not None, question is not None or answer is not None, persona is not None]
     if sum(kinds) != 1:
         raise InputError("mental add takes one of: --passage TEXT, --question Q --answer A, or --persona TEXT")
@@ -81,8 +76,6 @@ def add(cfg: RunConfig, task: str, item_id: str | None, passage: str | None, que
 
 
 def export(cfg: RunConfig, dest: str, tasks: list[str] | None) -> int:
-    from backpack.pipeline import attach_redis
-
     with attach_redis(cfg) as url:
         pack = MentalStore(url, cfg.name).export(tasks or None)
     data = pack.model_dump()

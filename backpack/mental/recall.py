@@ -1,6 +1,6 @@
 """Recall (the self-taking mechanism) over the store: what goes in front of a prompt for a teacher.
 
-`Recaller.recall(task, prompt)` ranks the task's current knowledge with BM25 (`backpack.core.recall`) and packs
+`Recaller.recall(task, prompt)` ranks the task's current knowledge with BM25 (`backpack.mental.bm25`) and packs
 the persona and the best items into the token budget. `Recaller.annotate(table)` does that for a batch of
 Queries in the scheduler, filling the `context`, `recalled_ids` and `knowledge_version` columns; a Query whose
 task has no knowledge goes to the teacher unchanged.
@@ -12,7 +12,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from backpack.core.recall import BM25, Recalled, pack_context
+from backpack.mental.bm25 import BM25, Recalled, pack_context
 from backpack.mental.store import MentalStore
 
 

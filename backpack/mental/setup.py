@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
-from backpack.core.config import RunConfig
-from backpack.core.recall import Item
+from backpack.config import RunConfig
+from backpack.mental.bm25 import Item
 from backpack.errors import ConfigError, InputError
-from backpack.mental.pack import PACK, KnowledgePack, load_pack
+from backpack.config.knowledge import PACK, KnowledgePack, load_pack
 from backpack.mental.recall import Recaller, TokenCounter
 from backpack.mental.store import MentalStore
 

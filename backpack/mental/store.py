@@ -21,7 +21,7 @@ from typing import Optional
 import redis
 
 from backpack.errors import InputError
-from backpack.mental.pack import Experience, KnowledgePack, Passage, TaskKnowledge, parse_pack
+from backpack.config.knowledge import Experience, KnowledgePack, Passage, TaskKnowledge, parse_pack
 from backpack.runtime.redis_server import RunRedis
 
 

@@ -1,11 +1,66 @@
-"""Run progress kept in Redis, so any process (the CLI's progress bar, `backpack status`) can read it."""
+"""Progress of long work: the reporters a driver tells its stages and generation progress to (silent for
+library users, lines and a bar for the CLI), and the run's counters kept in Redis, so any process (the CLI's
+progress bar, `backpack status`) can read them."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Optional
 
 from backpack.runtime.redis_server import RunRedis
+
+
+class Reporter:
+    """Progress callbacks of a driver; the base class says nothing (a library user's default)."""
+
+    def stage(self, text: str) -> None: ...
+
+    def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None: ...
+
+
+class TerminalReporter(Reporter):
+    """Stages and generation progress (prompts done / failed, tokens/s) on stderr: a tqdm bar on a terminal;
+    elsewhere (a Ray Job's log, a file, CI) a plain line every LOG_EVERY seconds and at the end, as a bar's
+    redraws would pile up there as one endless line."""
+
+    LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+
+    def __init__(self, quiet: bool = False, stream=None, clock=time.monotonic):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.bar = None
+        self._logged: Optional[float] = None  # when the last plain line was written
+
+    def stage(self, text: str) -> None:
+        if not self.quiet:
+            print(f"[backpack] {text}", file=self.stream, flush=True)
+
+    def progress(self, done: int, failed: int, total: int, tokens: int, seconds: float) -> None:
+        if self.quiet or not total:
+            return
+        rate = tokens / seconds if seconds else 0.0
+        if not self.stream.isatty():
+            now, finished = self.clock(), done + failed >= total
+            if not finished and self._logged is not None and now - self._logged < self.LOG_EVERY:
+                return
+            self._logged = now
+            print(f"[backpack] answered {done + failed}/{total} ({failed} failed), {rate:.1f} tok/s",
+                  file=self.stream, flush=True)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="answer", dynamic_ncols=True, file=self.stream)
+        self.bar.n = done + failed
+        self.bar.set_postfix(failed=failed, tok_s=f"{rate:.1f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class RedisProgress(RunRedis):

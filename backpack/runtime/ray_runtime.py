@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from backpack.core.config import RayConfig
+from backpack.config import RayConfig
 from backpack.core.resources import Demand, Group, multi_node_problems, placement_problems
 from backpack.errors import BackpackError, ResourceError
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backpack.core.config import StudentConfig
+from backpack.config import StudentConfig
 from backpack.errors import InputError
 from backpack.teachers.loader import ResolvedModel, resolve_model
 

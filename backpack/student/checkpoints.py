@@ -1,11 +1,13 @@
 """Student checkpoints: the trainable weights (LoRA adapters, or every weight in full mode) as safetensors,
-the optimizer state, and a small JSON state. The same files make a registry version."""
+the optimizer state, and a small JSON state. The same files make a registry version. And where a run's Ray
+Train checkpoints are, so a rerun resumes from the newest."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,3 +61,22 @@ def load(directory: str | os.PathLike, model, optimizer=None, scheduler=None) ->
         if scheduler is not None and opt["scheduler"] is not None:
             scheduler.load_state_dict(opt["scheduler"])
     return json.loads((d / STATE).read_text())
+
+
+def checkpoint_states(files) -> list[str]:
+    """The state files of a run's Ray Train checkpoints (train/<ray train run>/checkpoint_*/state.json),
+    relative to the run's RunFiles `files`."""
+    return [s for s in files.glob("train", f"/{STATE}")
+            if len(s.split("/")) == 4 and s.split("/")[2].startswith("checkpoint_")]
+
+
+def latest_checkpoint(files) -> Optional[tuple[str, int]]:
+    """(location, step) of the newest Ray Train checkpoint of a run (its RunFiles), if any: a local folder, or
+    a URI when the run's storage is an object store."""
+    best = None
+    for state in checkpoint_states(files):
+        step = json.loads(files.read_text(state) or "{}").get("step", 0)
+        if best is None or step > best[1]:
+            best = (files.uri(state.rsplit("/", 1)[0]), step)
+    return best
+

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from backpack.core.config import ContinualConfig, StudentConfig, TrainingConfig
+from backpack.config import ContinualConfig, StudentConfig, TrainingConfig
 from backpack.student.trainer import TrainResult, WorkerSession, fit_workers
 
 FRESHNESS_LOG = "freshness.jsonl"
@@ -98,7 +98,7 @@ def worker_slice(rows: list, rank: int, world: int) -> list:
 def freshness_path(metrics_file: str | os.PathLike) -> Path | str:
     """Where the per-step freshness log of a continual run with this metrics file is written (a URI when the
     metrics file is one)."""
-    from backpack.runtime.storage import is_uri, sibling
+    from backpack.data.storage import is_uri, sibling
 
     where = sibling(metrics_file, FRESHNESS_LOG)
     return where if is_uri(where) else Path(where)
@@ -129,7 +129,7 @@ class _Examples:
         """(version, Example) for the trainable rows of versions lo+1 .. hi, in store order."""
         import pyarrow.parquet as pq
 
-        from backpack.distill import training_rows
+        from backpack.data.splits import training_rows
 
         self.version()
         for entry in self.store.manifest().upto(hi) if hi > lo else []:
@@ -275,7 +275,7 @@ class _ContinualLoop:
         return False
 
     def _log_step(self, versions: list[int], new_rows: int, replay_rows: int) -> None:
-        from backpack.runtime.storage import append_text
+        from backpack.data.storage import append_text
 
         if self.freshness is None:
             return

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backpack.core.losses import IGNORE
-from backpack.teachers.hf import encode_chat
+from backpack.core.chat import encode_chat
 
 
 @dataclass

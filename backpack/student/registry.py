@@ -2,7 +2,7 @@
 
 Each published checkpoint becomes version N (1, 2, ...; version 0 is the untrained base): its files are copied
 to `<run files>/students/v<N>/` (trainable weights as safetensors + state.json; a local folder or an object
-store, see backpack.runtime.storage), its metadata (version, step,
+store, see backpack.data.storage), its metadata (version, step,
 dataset version, metrics, base and tokenizer fingerprints) goes to a Redis hash, and an event is appended to the
 run's Redis stream `backpack:<run>:events`, which later services (server, continual evaluator) follow.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from backpack.runtime.redis_server import RunRedis
-from backpack.runtime.storage import RunFiles, local_folder
+from backpack.data.storage import RunFiles, local_folder
 from backpack.student import checkpoints
 
 
@@ -119,7 +119,7 @@ def load_version(meta: Optional[dict], student_cfg=None, merge: bool = False, de
     version 0, the untrained base of `student_cfg`. The version's own student config wins over `student_cfg`.
     With `merge`, LoRA adapters are folded into the base weights (a plain transformers model, faster to
     generate)."""
-    from backpack.core.config import StudentConfig
+    from backpack.config import StudentConfig
     from backpack.student.autopilot import load_student
 
     cfg = StudentConfig(**meta["student"]) if meta and meta.get("student") else student_cfg

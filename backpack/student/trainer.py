@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from backpack.core.config import StudentConfig, TrainingConfig
+from backpack.config import StudentConfig, TrainingConfig
 from backpack.runtime.allocator import worker_env
 
 
@@ -74,7 +74,7 @@ class WorkerSession:
         import torch
 
         from backpack.runtime.allocator import loaded_allocator
-        from backpack.runtime.storage import local_folder
+        from backpack.data.storage import local_folder
         from backpack.student import checkpoints
         from backpack.student.autopilot import load_student
 
@@ -175,7 +175,7 @@ class WorkerSession:
         registry, publish it as a student version. Every worker must call this at the same step."""
         import ray.train
 
-        from backpack.runtime.storage import append_text
+        from backpack.data.storage import append_text
         from backpack.student import checkpoints
 
         self.last_metrics = metrics
@@ -258,7 +258,7 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from backpack.runtime.storage import RunFiles
+    from backpack.data.storage import RunFiles
 
     t0 = time.perf_counter()
     files = RunFiles.of(storage)

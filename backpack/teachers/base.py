@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from backpack.core.config import TeacherConfig
+from backpack.config import TeacherConfig
 
 
 @runtime_checkable
@@ -53,7 +53,7 @@ class BatchingTeacher:
     """
 
     def __init__(self, teacher: Teacher, cfg: TeacherConfig):
-        from backpack.core.batching import DynamicBatcher
+        from backpack.teachers.batching import DynamicBatcher
 
         self.teacher, self.name = teacher, teacher.name
         self.replica = getattr(teacher, "replica", teacher.name)
@@ -88,8 +88,8 @@ class TeacherHost:
         self.batching = BatchingTeacher(self.teacher, cfg) if cfg.dynamic_batching() else None
         if self.batching is not None:
             self.teacher = self.batching
-        if ledger is not None:  # answers already paid for come from the query ledger (backpack/ledger.py)
-            from backpack.ledger import LedgerTeacher
+        if ledger is not None:  # answers already paid for come from the query ledger (backpack/teachers/ledger.py)
+            from backpack.teachers.ledger import LedgerTeacher
 
             self.teacher = LedgerTeacher(self.teacher, ledger)
 

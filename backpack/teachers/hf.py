@@ -15,25 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import torch
 
-from backpack.core.config import TeacherConfig
-from backpack.core.recall import with_context
+from backpack.config import TeacherConfig
+from backpack.core.chat import encode_chat, with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
-from backpack.teachers.decode import KVBuffers, decode_batch, generate_batch, left_pad, supports
+from backpack.teachers.decode import decode_batch, generate_batch, left_pad, supports
+from backpack.teachers.kvcache import KVBuffers
 from backpack.teachers.loader import ResolvedModel, resolve_model
 from backpack.teachers.packed import pack_linears
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` under the model's chat template, ending with the assistant-turn opener.
-    The same function builds teacher prompts and student training prompts, so the two always agree."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 class HFTeacher:

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from backpack.core.config import DEFAULT_MODEL, looks_like_path
+from backpack.config import DEFAULT_MODEL, looks_like_path
 from backpack.errors import ModelNotFoundError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

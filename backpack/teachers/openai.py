@@ -24,9 +24,9 @@ from typing import Optional
 
 import pyarrow as pa
 
-from backpack.core.config import TeacherConfig
-from backpack.core.ratelimit import RateLimiter, backoff_s
-from backpack.core.recall import with_context
+from backpack.config import TeacherConfig
+from backpack.teachers.ratelimit import RateLimiter, backoff_s
+from backpack.core.chat import with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, Query
 from backpack.errors import TeacherError

@@ -22,12 +22,11 @@ from typing import Optional
 
 import pyarrow as pa
 
-from backpack.core.config import TeacherConfig, VLLMConfig
-from backpack.core.recall import with_context
+from backpack.config import TeacherConfig
+from backpack.core.chat import encode_chat, with_context
 from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import InputError, TeacherDeadError, TeacherError
-from backpack.teachers.hf import encode_chat
 from backpack.teachers.loader import resolve_model
 
 INSTALL_HINT = ('backend vllm needs vLLM in the teacher\'s Python: pip install "backpack[vllm]" on a GPU node, '
@@ -51,7 +50,7 @@ def sampling_kwargs(d: DecodingParams) -> dict:
 
 def engine_kwargs(cfg: TeacherConfig, model_path: str, on_gpu: bool) -> dict:
     """vllm.LLM arguments for a teacher (pure): its dtype, the engine settings, engine_args last (they win)."""
-    v = cfg.vllm or VLLMConfig()
+    v = cfg.vllm
     kw = dict(model=model_path, dtype=cfg.dtype, max_logprobs=v.max_logprobs, seed=0,
               enforce_eager=(not on_gpu) if v.enforce_eager is None else v.enforce_eager)
     if v.max_model_len:
@@ -68,7 +67,7 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, on_gpu: bool) -> dict:
 def engine_env(cfg: TeacherConfig, allowed: Optional[list[int]] = None) -> dict[str, str]:
     """Environment the engine reads at start: the CPU build's OpenMP core binding, by default the first
     `threads` cores this process may run on (vLLM's own "auto" keeps a core back: one of two, on a laptop)."""
-    v = cfg.vllm or VLLMConfig()
+    v = cfg.vllm
     if v.cpu_threads_bind:
         return {"VLLM_CPU_OMP_THREADS_BIND": v.cpu_threads_bind}
     if allowed is None:
@@ -123,7 +122,7 @@ class VLLMTeacher:
     def info(self) -> dict:
         return {"teacher": self.name, "replica": self.replica, "backend": "vllm", "model": self.resolved.source,
                 "fingerprint": self.fingerprint, "device": self.device, "context": self.context,
-                "max_logprobs": (self.cfg.vllm or VLLMConfig()).max_logprobs}
+                "max_logprobs": self.cfg.vllm.max_logprobs}
 
     def generate(self, queries: pa.Table) -> pa.Table:
         from vllm import SamplingParams

@@ -23,7 +23,7 @@ from typing import Optional
 
 import pyarrow as pa
 
-from backpack.core.prompts import Rejected, parse_record
+from backpack.data.prompts import Rejected, parse_record
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query, query_id
 from backpack.errors import InputError

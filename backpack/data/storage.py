@@ -22,38 +22,13 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from backpack.config.storage import is_remote, is_uri, join_uri, sibling
 
-def is_uri(path: str) -> bool:
-    return "://" in str(path)
-
-
-def is_remote(location: str | os.PathLike) -> bool:
-    """`location` is on a filesystem other than this machine's disk (a URI other than file://)."""
-    return is_uri(location) and not str(location).startswith("file://")
-
-
-def join_uri(root: str, *parts: str) -> str:
-    """`root` with `parts` appended to its path; a URI keeps its query string (the filesystem's options)."""
-    rel = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-    if not rel:
-        return root
-    if not is_uri(root):
-        return os.path.join(root, rel)
-    u = urlsplit(root)
-    return urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + "/" + rel, u.query, u.fragment))
-
-
-def sibling(location: str | os.PathLike, name: str) -> str:
-    """The file `name` next to the file at `location` (a local path or a URI)."""
-    location = str(location)
-    if not is_uri(location):
-        return str(Path(location).parent / name)
-    u = urlsplit(location)
-    return urlunsplit((u.scheme, u.netloc, u.path.rsplit("/", 1)[0] + "/" + name, u.query, u.fragment))
+__all__ = ["RunFiles", "append_text", "is_remote", "is_uri", "join_uri", "local_folder", "resolve", "run_files",
+           "sibling"]
 
 
 def append_text(location: str | os.PathLike, text: str) -> None:
@@ -213,3 +188,9 @@ def local_folder(location: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def run_files(cfg) -> RunFiles:
+    """The durable files of run config `cfg` (a RunConfig): its local folder, or <storage.path>/<name> on the
+    storage's filesystem."""
+    return RunFiles(cfg.files_root)

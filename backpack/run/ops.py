@@ -15,11 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from backpack.core.config import RunConfig
-from backpack.core.prompts import read_prompt_lines
+from backpack.config import RunConfig
 from backpack.core.types import Query
+from backpack.data.prompts import read_prompt_lines
+from backpack.data.storage import run_files
 from backpack.errors import DatasetError, InputError
-from backpack.pipeline import attach_redis
+from backpack.runtime.session import attach_redis
 
 MAX_SHOWN = 10  # rejected records listed one by one; the rest are counted
 
@@ -78,7 +79,7 @@ def parse_lines(data: bytes, name: str, cfg: RunConfig) -> tuple[list[tuple[int,
 def ingest(cfg: RunConfig, source: str) -> IngestResult:
     """Push the prompt records of `source` ("-": standard input) to the run's intake stream. Bad records are
     reported, not pushed; the good ones are pushed all the same."""
-    from backpack.intake import Intake
+    from backpack.scheduling.intake import Intake
 
     data, name = read_input(source)
     queries, rejected = parse_lines(data, name, cfg)
@@ -128,7 +129,7 @@ def _require_run(cfg: RunConfig) -> None:
 def _tail(cfg: RunConfig, rel: str, block: int = 65536) -> tuple[bytes, Optional[float]]:
     """The last `block` bytes of one of the run's (possibly large, still growing) files and its modification time
     (b"", None when there is none). An object store has no seek: there the whole (small) log is read."""
-    files = cfg.files
+    files = run_files(cfg)
     if not files.local:
         info = files.fs.get_file_info(files.path(rel))
         data = files.read_bytes(rel) or b""
@@ -183,7 +184,7 @@ def dataset_state(cfg: RunConfig) -> Optional[dict]:
 
 def usage_of(cfg: RunConfig) -> list[dict]:
     """Per-teacher prompts, answers, failures, tokens, latency and spend of the run's dataset."""
-    from backpack.core.accounting import teacher_usage
+    from backpack.teachers.accounting import teacher_usage
     from backpack.data.store import DatasetStore
 
     columns = ["teacher", "replica", "query_id", "status", "prompt_tokens", "completion_tokens", "latency_s"]
@@ -193,16 +194,16 @@ def usage_of(cfg: RunConfig) -> list[dict]:
 
 def incidents_of(cfg: RunConfig) -> list[dict]:
     """The run's last teacher incidents: replicas that could not start or died (core/accounting.py)."""
-    from backpack.core.accounting import INCIDENTS, parse_incidents
+    from backpack.teachers.accounting import INCIDENTS, parse_incidents
 
-    return parse_incidents(cfg.files.read_text(INCIDENTS) or "")
+    return parse_incidents(run_files(cfg).read_text(INCIDENTS) or "")
 
 
 def replicas_of(cfg: RunConfig) -> dict:
     """Each teacher replica's counters at the end of the run's last generation (core/accounting.py)."""
-    from backpack.core.accounting import REPLICAS
+    from backpack.teachers.accounting import REPLICAS
 
-    text = cfg.files.read_text(REPLICAS)
+    text = run_files(cfg).read_text(REPLICAS)
     try:
         return json.loads(text) if text else {}
     except ValueError:  # written whole in one go; unreadable only if damaged
@@ -218,7 +219,7 @@ def _int_or_none(v) -> Optional[int]:
 
 def status(cfg: RunConfig) -> dict:
     """The run at a glance: intake backlog, dataset, trainer, student versions, live version, server."""
-    from backpack.intake import backlog
+    from backpack.scheduling.intake import backlog
     from backpack.mental.store import MentalStore
     from backpack.runtime.redis_server import RunKeys, connect
     from backpack.student.registry import Registry
@@ -226,14 +227,14 @@ def status(cfg: RunConfig) -> dict:
     _require_run(cfg)
     with attach_redis(cfg) as url:
         b = backlog(url, cfg.name)
-        reg = Registry(url, cfg.name, cfg.files)
+        reg = Registry(url, cfg.name, run_files(cfg))
         versions = [m["version"] for m in reg.versions()]
         live = reg.live()
         server = connect(url).hgetall(RunKeys(cfg.name).server)
         knowledge = MentalStore(url, cfg.name).tasks()
     return {
         "run": cfg.name,
-        "run_dir": cfg.files.uri(),
+        "run_dir": run_files(cfg).uri(),
         "backlog": asdict(b),
         "dataset": dataset_state(cfg),
         "trainer": trainer_state(cfg),
@@ -282,7 +283,7 @@ def format_status(s: dict) -> str:
     rows.append(("server", f"{srv['url']} serving version {srv['version']}" if srv else "not running"))
     if s.get("knowledge"):
         rows.append(("knowledge", ", ".join(f"{t} v{v}" for t, v in s["knowledge"].items())))
-    from backpack.core.accounting import format_replicas
+    from backpack.teachers.accounting import format_replicas
 
     rows += [(f"  {name}", counted) for name, counted in format_replicas(s.get("replicas") or {})]
     if s.get("incidents"):
@@ -302,7 +303,7 @@ def versions(cfg: RunConfig) -> dict:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.files)
+        reg = Registry(url, cfg.name, run_files(cfg))
         metas, live = reg.versions(), reg.live()
     return {"run": cfg.name, "live": live, "versions": [{**m, "live": m.get("version") == live} for m in metas]}
 
@@ -347,7 +348,7 @@ def promote(cfg: RunConfig, version: int) -> tuple[int, Optional[int]]:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.files)
+        reg = Registry(url, cfg.name, run_files(cfg))
         known = [m["version"] for m in reg.versions()]
         if version != 0 and version not in known:
             there = ", ".join(map(str, known)) if known else "none yet"
@@ -365,7 +366,7 @@ def rollback(cfg: RunConfig) -> tuple[int, Optional[int]]:
 
     _require_run(cfg)
     with attach_redis(cfg) as url:
-        reg = Registry(url, cfg.name, cfg.files)
+        reg = Registry(url, cfg.name, run_files(cfg))
         was = reg.live()
         try:
             return reg.rollback(by="user"), was

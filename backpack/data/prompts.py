@@ -64,7 +64,7 @@ def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, m
         over = rec["decoding"]
         if not isinstance(over, dict) or set(over) - _DECODING_FIELDS:
             raise ValueError(f"{where}: 'decoding' may only set {sorted(_DECODING_FIELDS)}")
-        from backpack.core.config import DecodingConfig  # validated with the same bounds as the run config
+        from backpack.config import DecodingConfig  # validated with the same bounds as the run config
         try:
             dec = DecodingConfig(**{**vars(decoding), **over}).params()
         except Exception as e:  # pydantic ValidationError -> one line

@@ -12,8 +12,8 @@ import functools
 import pyarrow as pa
 import ray
 
-from backpack.core.config import TeacherConfig
-from backpack.scheduler import Scheduler
+from backpack.config import TeacherConfig
+from backpack.scheduling.scheduler import Scheduler
 from backpack.teachers.base import TeacherHost
 
 
@@ -85,7 +85,7 @@ def spawn_scheduler(*args, **kwargs):
 
 def spawn_server(student_cfg, serve_cfg, registry, model_name: str = "backpack-student", **kwargs):
     """The StudentServer as an async actor: its HTTP server and registry follower run on the actor's loop."""
-    from backpack.student.server import StudentServer
+    from backpack.serve.server import StudentServer
 
     return ray.remote(StudentServer).options(
         num_cpus=serve_cfg.num_cpus, resources=dict(serve_cfg.resources), max_restarts=0,

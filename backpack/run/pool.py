@@ -8,10 +8,10 @@ from typing import Callable, Optional
 import pyarrow as pa
 import ray
 
-from backpack.actors import reserve_replicas, spawn_teacher
-from backpack.core.config import TeacherConfig
+from backpack.config import TeacherConfig
 from backpack.core.resources import Demand, Group
-from backpack.errors import BackpackError, TeacherDeadError, TeacherError
+from backpack.errors import TeacherDeadError, TeacherError, cause_of
+from backpack.run.actors import reserve_replicas, spawn_teacher
 
 
 class RayReplica:
@@ -32,19 +32,6 @@ class RayReplica:
     def is_fatal(self, error: BaseException) -> bool:
         # the actor died, or its engine did (Ray re-raises a TeacherDeadError from the actor as one)
         return isinstance(error, (ray.exceptions.RayActorError, TeacherDeadError))
-
-
-def _cause(err: BaseException) -> str:
-    """The user-facing cause inside a Ray error (a teacher constructor's exception, typically)."""
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, BaseException):
-        return str(cause) if isinstance(cause, BackpackError) else f"{type(cause).__name__}: {cause}"
-    text = str(err)
-    for line in reversed(text.splitlines()):  # Ray folds the constructor's traceback into the message
-        line = line.strip()
-        if "Error:" in line and not line.startswith(("File ", "ray.")):
-            return line.removeprefix("backpack.errors.")
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def kill_actor(actor) -> None:
@@ -133,7 +120,7 @@ class TeacherPool:
             try:
                 infos[name] = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self.not_started[name] = f"could not start: {_cause(e)}"
+                self.not_started[name] = f"could not start: {cause_of(e)}"
                 if report:
                     report(f"teacher replica {name} {self.not_started[name]} (the run goes on without it)")
                 continue
@@ -153,7 +140,7 @@ class TeacherPool:
     def counters(self, timeout: float = 10.0) -> dict[str, dict]:
         """Each live replica's counters (core/accounting.py COUNTERS: retries, rate-limit waits, ledger hits,
         model batches, ...), read from its info; a replica that does not answer in `timeout` is left out."""
-        from backpack.core.accounting import replica_counters
+        from backpack.teachers.accounting import replica_counters
 
         refs = {r.name: r.actor.ready.remote() for r in self.replicas}
         infos = {}

@@ -23,8 +23,8 @@ import uuid
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from backpack.core.accounting import LEDGER_REPLICA
-from backpack.core.recall import with_context
+from backpack.teachers.accounting import LEDGER_REPLICA
+from backpack.core.chat import with_context
 from backpack.core.types import Completion, Query
 
 PREFIX = "backpack:ledger"

@@ -30,11 +30,12 @@ from typing import Awaitable, Optional, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from backpack.core.config import EnsembleConfig
-from backpack.core.ensemble import EnsembleHold, pick_teachers
-from backpack.core.routing import POLICIES, ReplicaView, can_ever_serve
+from backpack.config import EnsembleConfig, SchedulerConfig
 from backpack.core.schema import completions_to_table, failed_table, queries_to_table
 from backpack.core.types import OK, Completion
+from backpack.errors import cause_of
+from backpack.scheduling.ensemble import EnsembleHold, pick_teachers
+from backpack.scheduling.routing import POLICIES, ReplicaView, can_ever_serve
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Sink(Protocol):
 
 
 class QuerySource(Protocol):
-    """Where a streaming scheduler's Queries come from (`backpack.intake.IntakeSource`)."""
+    """Where a streaming scheduler's Queries come from (`backpack.scheduling.intake.IntakeSource`)."""
 
     def fetch(self, max_rows: int, block_ms: int = 0) -> tuple[list, list]:
         """(Queries, Rejected records) newly available, waiting up to `block_ms` for some."""
@@ -75,15 +76,6 @@ class Progress(Protocol):
     def update(self, ok: int, failed: int, tokens: int) -> None: ...
 
     def replica_state(self, replica: str, state: str) -> None: ...
-
-
-def describe(err: BaseException) -> str:
-    """'Type: message' of a replica's failure. A Ray task error carries the teacher's own exception as `cause`:
-    that one names what went wrong (its str is not buried under the remote traceback)."""
-    inner = getattr(err, "cause", None)
-    if isinstance(inner, BaseException):
-        err = inner
-    return f"{type(err).__name__}: {err}".strip()
 
 
 @dataclass
@@ -123,7 +115,17 @@ class RunSummary:
         return dict(vars(self))
 
 
+def settings(sc: SchedulerConfig) -> dict:
+    """The Scheduler's keyword arguments for a run's `scheduler:` section."""
+    return dict(policy=sc.policy, max_retries=sc.max_retries, flush_rows=sc.flush_rows, flush_seconds=sc.flush_seconds,
+                max_pending=sc.max_pending,
+                ensemble=sc.ensemble_settings() if sc.policy == "ensemble" else None)
+
+
 class Scheduler:
+    """The query scheduler (see the module docstring). `settings(cfg.scheduler)` gives a run's keyword
+    arguments."""
+
     def __init__(self, replicas: list[ReplicaHandle], sink: Sink, progress: Optional[Progress] = None,
                  policy: str = "round_robin", max_retries: int = 2, flush_rows: int = 64,
                  flush_seconds: float = 5.0, max_pending: int = 256, recall=None,
@@ -252,7 +254,7 @@ class Scheduler:
                     view.served += 1
                     self._answered(batch, task.result(), summary)
                     continue
-                cause = describe(err)[:2000]
+                cause = cause_of(err)[:2000]
                 log.warning("batch of %d failed on %s: %s", batch.table.num_rows, view.name, cause[:200])
                 # (a late failure of a replica already replaced must not mark its successor dead)
                 if replica.is_fatal(err) and view.alive and self.replicas[idx] is replica:

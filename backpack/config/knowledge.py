@@ -1,4 +1,4 @@
-"""Knowledge packs: the files a user writes for the Mental Process, validated once.
+"""Knowledge packs: the files a user writes for the Mental Process, validated once, like the run config.
 
 A pack is YAML (or JSON) of the form
 
@@ -23,16 +23,26 @@ each naming the task and id it is about.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backpack.core.recall import Item
 from backpack.errors import ConfigError, InputError
 
 
 PACK = "knowledge pack"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One recallable piece of knowledge: a passage or an experience, with the text that is matched against
+    the prompt (`key`) and the text that goes into the context (`text`)."""
+    id: str
+    kind: str   # "passage" | "experience"
+    key: str
+    text: str
 
 
 class _Strict(BaseModel):

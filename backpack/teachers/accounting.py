@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-LEDGER_REPLICA = "ledger"   # the `replica` of a row the query ledger answered (backpack/ledger.py)
+LEDGER_REPLICA = "ledger"   # the `replica` of a row the query ledger answered (backpack/teachers/ledger.py)
 
 
 def _percentile(values: list[float], q: float) -> float:

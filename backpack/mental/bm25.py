@@ -1,4 +1,4 @@
-"""The self-taking mechanism's pure core: rank a task's knowledge for a prompt (BM25) and pack the best of it
+"""The self-taking mechanism's pure core (the Mental Process): rank a task's knowledge for a prompt (BM25) and pack the best of it
 into a token budget. No Redis, no model: the caller gives the items and a token counter.
 
 BM25 (Okapi, k1=1.5, b=0.75) over lower-cased word tokens: it needs no model (there is no hub access on a
@@ -14,6 +14,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from backpack.config.knowledge import Item
+
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 # Words too common to say anything about relevance (a short English list; BM25's idf discounts the rest).
 _STOP = frozenset("a an and are as at be by can do does for from has have how i if in is it its my of on or our "
@@ -23,16 +25,6 @@ _STOP = frozenset("a an and are as at be by can do does for from has have how i 
 def words(text: str) -> list[str]:
     """Lower-cased word tokens without stop words (numbers kept: "plan 3" and "30 days" matter)."""
     return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
-
-
-@dataclass(frozen=True)
-class Item:
-    """One recallable piece of knowledge: a passage or an experience, with the text that is matched against
-    the prompt (`key`) and the text that goes into the context (`text`)."""
-    id: str
-    kind: str   # "passage" | "experience"
-    key: str
-    text: str
 
 
 class BM25:
@@ -108,12 +100,3 @@ def pack_context(persona: str, ranked: Sequence[Item], budget: int, count: Calla
                     experience_ids=[it.id for it in chosen if it.kind == "experience"],
                     tokens=count(context) if context else 0)
 
-
-def with_context(messages: list[dict], context: str | None) -> list[dict]:
-    """The messages a teacher answers: `context` (recalled knowledge) leads the system message, before the
-    prompt's own system text if it has one. Every backend builds its prompt with this, so they agree."""
-    if not context:
-        return messages
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{context}\n\n{messages[0]['content']}"}] + messages[1:]
-    return [{"role": "system", "content": context}] + messages

@@ -25,13 +25,13 @@ from typing import Optional
 import torch
 from aiohttp import web
 
-from backpack.core.config import ServeConfig, StudentConfig
-from backpack.core.recall import with_context
+from backpack.config import ServeConfig, StudentConfig
+from backpack.core.chat import encode_chat, with_context
 from backpack.core.types import LENGTH, STOP, DecodingParams
 from backpack.errors import InputError
 from backpack.mental.recall import prompt_text
 from backpack.student.registry import Registry, load_version
-from backpack.teachers.hf import HFTeacher, encode_chat
+from backpack.teachers.hf import HFTeacher
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often the registry stream is read: promotions are rare, a Redis round trip is cheap

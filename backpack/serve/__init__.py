@@ -1,0 +1,1 @@
+"""Serving students: the StudentServer (any version, OpenAI-compatible, hot-swapped on promotion)."""
