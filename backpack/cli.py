@@ -78,15 +78,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _dataset_path(path: str) -> str:
-    """Accept a run folder (runs/quickstart) as well as its dataset folder (runs/quickstart/dataset)."""
-    from pathlib import Path
-
-    p = Path(path)
-    return str(p / "dataset") if not (p / "manifest.json").exists() and (p / "dataset" / "manifest.json").exists() \
-        else path
-
-
 def _print_report(report: dict) -> None:
     from backpack.eval.report import COLUMNS, _cell
 
@@ -173,52 +164,22 @@ def _run_continual(cfg, args) -> int:
 
 
 def cmd_data_show(args) -> int:
-    from backpack.data.store import DatasetStore
+    from backpack.data.inspect import show
 
-    args.path = _dataset_path(args.path)
-    store = DatasetStore(args.path, create=False)
-    m = store.manifest()
-    s = m.summary()
-    print(f"dataset {args.path}")
-    print(f"  version {s['version']}, {s['shards']} shard(s), {s['rows']} row(s): {s['ok']} ok, {s['failed']} failed")
-    for teacher, n in sorted(s["teachers"].items()):
-        print(f"  teacher {teacher}: {n} row(s)")
-    for e in m.shards[-5:]:
-        print(f"  v{e.version}: {e.path} ({e.rows} rows, {e.failed} failed, {e.created_at})")
-    table = store.read(version=args.version)
-    if args.failed:
-        import pyarrow.compute as pc
-
-        table = table.filter(pc.not_equal(table.column("status"), "ok"))
-    for row in table.slice(0, args.rows).to_pylist():
-        prompt = row["messages"][-1]["content"] if row["messages"] else ""
-        print(f"\n[{row['query_id']}] task={row['task']} teacher={row['teacher']} status={row['status']}"
-              f" finish={row['finish_reason']} tokens={row['completion_tokens']}")
-        print(f"  prompt: {_short(prompt)}")
-        print(f"  {'error' if row['error'] else 'answer'}: {_short(row['error'] or row['text'])}")
+    print(show(args.path, args.rows, args.version, args.failed))
     return 0
 
 
-def _short(text: str, n: int = 160) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def cmd_data_export(args) -> int:
-    from backpack.data.store import DatasetStore
+    from backpack.data.inspect import jsonl_lines
 
-    store = DatasetStore(_dataset_path(args.path), create=False)
-    table = store.read(version=args.version)
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    try:
-        for row in table.to_pylist():
-            row["created_at"] = row["created_at"].isoformat() if row["created_at"] else None
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if args.out:
-            out.close()
-    if args.out:
-        print(f"wrote {table.num_rows} row(s) to {args.out}", file=sys.stderr)
+    lines = jsonl_lines(args.path, args.version)
+    if not args.out:
+        sys.stdout.writelines(lines)
+        return 0
+    with open(args.out, "w", encoding="utf-8") as out:
+        out.writelines(lines)
+    print(f"wrote {len(lines)} row(s) to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -38,9 +38,10 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO))
     from backpack.config import load_config
-    from backpack.run.train import train
     from backpack.eval.knowledge import evaluate_facts, format_facts
-    from backpack.run.generate import Reporter, generate
+    from backpack.run.generate import generate
+    from backpack.run.train import train
+    from backpack.runtime.progress import Reporter
 
     overrides, tmp = list(args.overrides), None
     if not any(o.startswith("storage.path=") for o in overrides):

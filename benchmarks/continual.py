@@ -42,8 +42,8 @@ def baseline_tok_s(cfg, n: int = 16) -> float:
     """Tokens/s of one replica of the run's teacher, alone in this process, on prompts like the pushed ones."""
     import torch
 
-    from backpack.data.prompts import read_prompts
     from backpack.core.schema import queries_to_table
+    from backpack.data.prompts import read_prompts
     from backpack.teachers.hf import HFTeacher
 
     t = cfg.teachers[0]
@@ -107,10 +107,10 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=8.0, help="give up after this long")
     args = ap.parse_args()
 
-    from backpack.run.continual import ContinualRun
     from backpack.config import load_config
     from backpack.data.prompts import read_prompts
     from backpack.data.store import DatasetStore
+    from backpack.run.continual import ContinualRun
     from backpack.scheduling.intake import Intake, backlog
     from backpack.student.continual import freshness_path
     from backpack.student.registry import Registry

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def load_queries(n: int, max_new_tokens: int):
-    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams
+    from backpack.data.prompts import read_prompts
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
     return queries[:n]
@@ -54,10 +54,10 @@ def actor_path(queries, replicas: int, threads: int, batch_size: int) -> tuple[f
     """(seconds, tokens, peak rss per replica) through TeacherPool + scheduler actor + DatasetStore."""
     import ray
 
-    from backpack.run.actors import spawn_scheduler
     from backpack.config import TeacherConfig
     from backpack.core.schema import queries_to_table
     from backpack.data.store import DatasetStore
+    from backpack.run.actors import spawn_scheduler
     from backpack.run.pool import TeacherPool
 
     cfg = TeacherConfig(name="smol", replicas=replicas, threads=threads, num_cpus=threads, batch_size=batch_size,

@@ -36,8 +36,8 @@ INSTRUCTIONS = ("You are the support assistant of a bicycle maker. Answer in at 
 
 def batch(teacher, n: int, system_repeats: int):
     """Left-padded input ids and attention of the first `n` shipped prompts, with the shared system prompt."""
-    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
+    from backpack.data.prompts import read_prompts
     from backpack.teachers.decode import left_pad
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams())

@@ -35,8 +35,8 @@ def main() -> int:
     import torch
 
     from backpack.config import TeacherConfig
-    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
+    from backpack.data.prompts import read_prompts
     from backpack.teachers.decode import decode_batch, left_pad
     from backpack.teachers.hf import HFTeacher
     from backpack.teachers.packed import PackedLinear, can_pack, linear_slots

@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backpack.mental.bm25 import BM25, Item  # noqa: E402
 from backpack.config.knowledge import load_pack  # noqa: E402
+from backpack.mental.bm25 import BM25, Item  # noqa: E402
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant: no method's first place dominates the sum
 

@@ -39,8 +39,8 @@ THREADS = os.cpu_count() or 2
 
 def load_queries(n: int, max_new_tokens: int, run: int = 0):
     """Run `run`'s `n` Queries: the shipped prompts from the (run * n)-th on, wrapping round, with fresh ids."""
-    from backpack.data.prompts import read_prompts
     from backpack.core.types import DecodingParams, Query
+    from backpack.data.prompts import read_prompts
 
     queries, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=max_new_tokens))
     start = run * n
@@ -110,10 +110,10 @@ def _through_backpack(teacher, query_sets, ledger=None) -> list[dict]:
     DatasetStore."""
     import ray
 
-    from backpack.run.actors import spawn_scheduler
     from backpack.config import LedgerConfig
     from backpack.core.schema import queries_to_table
     from backpack.data.store import DatasetStore
+    from backpack.run.actors import spawn_scheduler
     from backpack.run.pool import TeacherPool
 
     pool = TeacherPool([teacher], ledger, LedgerConfig(use="always") if ledger else None)
@@ -164,8 +164,8 @@ def part_ledger(n: int, max_new_tokens: int, runs: list[int]) -> dict:
     import ray
 
     from backpack.config import TeacherConfig
-    from backpack.teachers.ledger import QueryLedger
     from backpack.runtime.redis_server import EmbeddedRedis
+    from backpack.teachers.ledger import QueryLedger
 
     ray.init(num_cpus=THREADS, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cfg = TeacherConfig(name="hf", batch_size=n, threads=THREADS, num_cpus=THREADS)

@@ -32,9 +32,9 @@ def dataset_rows(path: Path, n: int):
         return DatasetStore(path, create=False)
     # no quickstart dataset yet: make a small one with the default teacher, in-process
     from backpack.config import TeacherConfig
-    from backpack.data.prompts import read_prompts
     from backpack.core.schema import queries_to_table
     from backpack.core.types import DecodingParams
+    from backpack.data.prompts import read_prompts
     from backpack.teachers.hf import HFTeacher
 
     qs, _ = read_prompts(REPO / "examples" / "prompts.jsonl", DecodingParams(max_new_tokens=48, logprobs=4), limit=n)
@@ -113,7 +113,7 @@ def main() -> int:
     import ray
 
     from backpack.config import StudentConfig, TrainingConfig
-    from backpack.run.train import training_dataset
+    from backpack.data.splits import training_dataset
     from backpack.runtime.allocator import worker_env
 
     store = dataset_rows(Path(args.dataset), 64)

@@ -5,19 +5,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
 import pytest
 
-from backpack.teachers.batching import BatcherClosed, DynamicBatcher
 from backpack.config import TeacherConfig
 from backpack.core.schema import queries_to_table
-from backpack.core.types import DecodingParams, Query
+from backpack.core.types import Completion, DecodingParams, Query
+from backpack.teachers.batching import BatcherClosed, DynamicBatcher
 
 
 def queries(*names, n=1):
-    return queries_to_table([Query(messages=[{"role": "user", "content": p}], id=p,
-                                   decoding=DecodingParams(n=n, temperature=1.0 if n > 1 else 0.0))
-                             for p in names])
+    return [Query(messages=[{"role": "user", "content": p}], id=p,
+                  decoding=DecodingParams(n=n, temperature=1.0 if n > 1 else 0.0)) for p in names]
+
+
+def column(answers, name):
+    """One field of every answer, as a table's column would give it."""
+    return [getattr(a, name) for a in answers]
 
 
 class FakeModel:
@@ -30,15 +33,14 @@ class FakeModel:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, table: pa.Table) -> pa.Table:
-        ids = table.column("query_id").to_pylist()
+    def __call__(self, qs: list[Query]) -> list[Completion]:
+        ids = [q.id for q in qs]
         self.calls.append(ids)
         self.release.wait()
         if self.fail_on in ids:
             raise ValueError(f"cannot answer {self.fail_on}")
-        rows = [{"query_id": q, "sample_index": i, "text": f"{q}#{i}"}
-                for q, d in reversed(list(zip(ids, table.column("decoding").to_pylist()))) for i in range(d["n"])]
-        return pa.Table.from_pylist(rows)
+        return [Completion(query_id=q.id, teacher="fake", sample_index=i, text=f"{q.id}#{i}")
+                for q in reversed(qs) for i in range(q.decoding.n)]
 
 
 def wait_for(cond, what):
@@ -49,10 +51,10 @@ def wait_for(cond, what):
     raise AssertionError(f"never happened: {what}")
 
 
-def submit_all(submit, tables):
-    """`submit` each table from its own thread, all at once."""
-    with ThreadPoolExecutor(len(tables)) as pool:
-        return list(pool.map(submit, tables))
+def submit_all(submit, calls):
+    """`submit` each call's Queries from its own thread, all at once."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(submit, calls))
 
 
 def test_many_one_row_callers_share_few_model_calls():
@@ -63,31 +65,31 @@ def test_many_one_row_callers_share_few_model_calls():
     finally:
         b.close()
     assert sorted(len(c) for c in model.calls) == [4, 4, 4, 4]
-    assert [o.column("query_id").to_pylist() for o in outs] == [[f"q{i}"] for i in range(16)]
+    assert [column(o, "query_id") for o in outs] == [[f"q{i}"] for i in range(16)]
     assert b.stats == {"calls": 16, "batches": 4, "rows": 16}
 
 
 def test_each_caller_gets_exactly_its_rows_in_its_order():
     model = FakeModel()
-    tables = [queries("a", "b"), queries("c", n=3), queries("d", "e", "f", n=2), queries("g")]
-    b = DynamicBatcher(model, max_rows=64, max_wait_s=3600, max_callers=len(tables))
+    calls = [queries("a", "b"), queries("c", n=3), queries("d", "e", "f", n=2), queries("g")]
+    b = DynamicBatcher(model, max_rows=64, max_wait_s=3600, max_callers=len(calls))
     try:
-        outs = submit_all(b.submit, tables)
+        outs = submit_all(b.submit, calls)
     finally:
         b.close()
     assert len(model.calls) == 1 and sorted(model.calls[0]) == list("abcdefg")   # all callers in one call
-    assert [o.column("text").to_pylist() for o in outs] == [
+    assert [column(o, "text") for o in outs] == [
         ["a#0", "b#0"], ["c#0", "c#1", "c#2"], ["d#0", "d#1", "e#0", "e#1", "f#0", "f#1"], ["g#0"]]
 
 
 def test_a_lone_caller_is_not_stuck():
     model = FakeModel()
     b = DynamicBatcher(model, max_rows=100, max_wait_s=0.05)   # rule 2: the oldest waited max_wait_s
-    assert b.submit(queries("x")).column("text").to_pylist() == ["x#0"]
+    assert column(b.submit(queries("x")), "text") == ["x#0"]
     b.close()
     # rule 3: with one possible caller, no wait at all however long max_wait_s is
     b = DynamicBatcher(model, max_rows=100, max_wait_s=3600, max_callers=1)
-    assert b.submit(queries("y")).column("text").to_pylist() == ["y#0"]
+    assert column(b.submit(queries("y")), "text") == ["y#0"]
     b.close()
 
 
@@ -101,7 +103,7 @@ def test_callers_that_queue_while_the_model_is_busy_run_together():
         rest = [pool.submit(b.submit, queries(f"r{i}")) for i in range(5)]
         wait_for(lambda: b.stats["calls"] == 6, "five callers waiting")
         model.release.set()
-        assert first.result().num_rows == 1 and [f.result().num_rows for f in rest] == [1] * 5
+        assert len(first.result()) == 1 and [len(f.result()) for f in rest] == [1] * 5
     b.close()
     assert [len(c) for c in model.calls] == [1, 5]
 
@@ -114,7 +116,7 @@ def test_a_failure_reaches_every_caller_of_its_batch_only():
         for f in futures:
             with pytest.raises(ValueError, match="cannot answer bad"):
                 f.result()
-    assert b.submit(queries("a", "b", "c")).num_rows == 3   # the worker lives on
+    assert len(b.submit(queries("a", "b", "c"))) == 3   # the worker lives on
     b.close()
 
 
@@ -122,27 +124,25 @@ def test_callers_that_cannot_share_a_batch_run_apart():
     model = FakeModel()
     model.release.clear()
     b = DynamicBatcher(model, max_rows=4, max_wait_s=0)
-    other = pa.table({"query_id": ["z"], "decoding": [{"n": 1}]})   # another schema
-    tagged = queries("m").replace_schema_metadata({"from": "elsewhere"})  # same schema, other metadata
     with ThreadPoolExecutor(6) as pool:
         head = pool.submit(b.submit, queries("head"))
         wait_for(lambda: len(model.calls) == 1, "the first call started")
         later = []
-        for t in (queries("k", "l"), tagged, queries("k"), other):   # one at a time: their order is the test
-            later.append(pool.submit(b.submit, t))
+        for qs in (queries("k", "l"), queries("m"), queries("k"), queries("z")):   # one at a time: their order is the test
+            later.append(pool.submit(b.submit, qs))
             wait_for(lambda: b.stats["calls"] == len(later) + 1, f"caller {len(later)} waiting")
         model.release.set()
         outs = [f.result() for f in [head] + later]
     b.close()
-    # "k" twice cannot share a batch (its rows would be ambiguous), nor can another schema; metadata can
-    assert model.calls == [["head"], ["k", "l", "m"], ["k"], ["z"]]
-    assert [o.column("text").to_pylist() for o in outs] == [["head#0"], ["k#0", "l#0"], ["m#0"], ["k#0"], ["z#0"]]
+    # "k" twice cannot share a batch (its answers would be ambiguous); the caller after it joins the second "k"
+    assert model.calls == [["head"], ["k", "l", "m"], ["k", "z"]]
+    assert [column(o, "text") for o in outs] == [["head#0"], ["k#0", "l#0"], ["m#0"], ["k#0"], ["z#0"]]
 
 
 def test_rows_over_max_rows_run_alone_and_whole():
     model = FakeModel()
     b = DynamicBatcher(model, max_rows=2, max_wait_s=3600)
-    assert b.submit(queries("a", "b", "c")).num_rows == 3
+    assert len(b.submit(queries("a", "b", "c"))) == 3
     b.close()
     assert model.calls == [["a", "b", "c"]]
 
@@ -154,7 +154,7 @@ def test_close_runs_what_waits_then_refuses():
         waiting = pool.submit(b.submit, queries("w"))
         wait_for(lambda: b.stats["calls"] == 1, "the caller waiting")
         b.close(timeout=30)
-        assert waiting.result().column("text").to_pylist() == ["w#0"]   # rule 4: closing runs it at once
+        assert column(waiting.result(), "text") == ["w#0"]   # rule 4: closing runs it at once
     assert not b._thread.is_alive()
     with pytest.raises(BatcherClosed):
         b.submit(queries("late"))
@@ -200,7 +200,7 @@ def test_length_bucketing_keeps_greedy_answers_and_query_order(tiny_model_dir, m
 
 
 def test_concurrent_generate_calls_share_one_model_batch(tiny_model_dir):
-    from backpack.teachers.base import TeacherHost
+    from backpack.teachers.host import TeacherHost
 
     cfg = TeacherConfig(name="tiny", model=tiny_model_dir, batch_size=8, max_in_flight=len(PROMPTS),
                         max_batch_wait_ms=10_000)   # the batch runs once every caller is in (rule 3)

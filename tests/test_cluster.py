@@ -14,9 +14,10 @@ import pytest
 import redis
 import yaml
 
+from backpack.data.storage import RunFiles, join_uri
 from backpack.runtime.local_cluster import LocalCluster
 from backpack.runtime.redis_server import EmbeddedRedis
-from backpack.data.storage import RunFiles, join_uri
+
 from conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.integration

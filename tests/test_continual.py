@@ -17,13 +17,12 @@ from collections import Counter
 
 import pytest
 
-from backpack.run.continual import ContinualRun
-from backpack.config import (ContinualConfig, EvalConfig, PromptsConfig, RedisConfig, RunConfig,
-                                  SchedulerConfig, ServeConfig, StorageConfig, StudentConfig, TeacherConfig,
-                                  TrainingConfig)
+from backpack.config import (ContinualConfig, EvalConfig, PromptsConfig, RedisConfig, RunConfig, SchedulerConfig,
+                             ServeConfig, StorageConfig, StudentConfig, TeacherConfig, TrainingConfig)
 from backpack.data.store import DatasetStore
-from backpack.scheduling.intake import Intake, backlog
+from backpack.run.continual import ContinualRun
 from backpack.runtime.redis_server import RunKeys
+from backpack.scheduling.intake import Intake, backlog
 from backpack.student.continual import freshness_path
 from backpack.student.registry import Registry
 

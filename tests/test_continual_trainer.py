@@ -29,8 +29,8 @@ import pytest
 from backpack.config import ContinualConfig, StudentConfig, TeacherConfig, TrainingConfig
 from backpack.core.schema import failed_table, queries_to_table
 from backpack.core.types import DecodingParams, Query
-from backpack.data.store import DatasetStore
 from backpack.data.splits import is_heldout
+from backpack.data.store import DatasetStore
 from backpack.student.continual import _Examples, freshness_path, plan_batches, run_continual_training, worker_slice
 
 HELDOUT = 0.25

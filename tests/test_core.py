@@ -5,14 +5,14 @@ import json
 import pyarrow as pa
 import pytest
 
+from backpack.core.resources import Group, multi_node_problems, placement_problems
+from backpack.core.schema import (DATASET_SCHEMA, QUERY_SCHEMA, check_dataset_table, completions_to_table, failed_table,
+                                  queries_to_table, table_to_queries)
+from backpack.core.types import Completion, DecodingParams, Query
 from backpack.data.manifest import Manifest
 from backpack.data.prompts import read_prompts
-from backpack.core.resources import Group, multi_node_problems, placement_problems
-from backpack.scheduling.routing import ReplicaView, can_ever_serve, least_loaded, round_robin
-from backpack.core.schema import (DATASET_SCHEMA, QUERY_SCHEMA, check_dataset_table, completions_to_table,
-                                  failed_table, queries_to_table, table_to_queries)
-from backpack.core.types import Completion, DecodingParams, Query
 from backpack.errors import InputError
+from backpack.scheduling.routing import ReplicaView, can_ever_serve, least_loaded, round_robin
 
 # ------------------------------------------------------------------ schema
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from backpack.config import validate_config
-from backpack.run.evaluate import evaluate
-from backpack.run.train import train
 from backpack.errors import ConfigError, InputError
+from backpack.run.evaluate import evaluate
 from backpack.run.generate import generate
+from backpack.run.train import train
 
 from conftest import EXAMPLES
 

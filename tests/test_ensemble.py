@@ -1,4 +1,4 @@
-"""Policy ensemble: the pure keep rules and hold (core/ensemble.py), the scheduler asking k teachers with
+"""Policy ensemble: the pure keep rules and hold (scheduling/ensemble.py), the scheduler asking k teachers with
 in-process fake replicas (no Ray, no model), and its config checks."""
 
 import asyncio
@@ -8,11 +8,12 @@ import pyarrow as pa
 import pytest
 
 from backpack.config import EnsembleConfig, validate_config
-from backpack.scheduling.ensemble import EnsembleHold, agreement, first, logprob, longest, pick_teachers
 from backpack.core.schema import completions_to_table, failed_table, queries_to_table, table_to_queries
 from backpack.core.types import Completion, DecodingParams, Query
 from backpack.errors import ConfigError
+from backpack.scheduling.ensemble import EnsembleHold, agreement, first, logprob, longest, pick_teachers
 from backpack.scheduling.scheduler import Scheduler, run_sync
+
 from test_scheduler import Died, ListSink  # (tests/ is on sys.path under pytest)
 
 # ---------------------------------------------------------------- the rules, on plain rows

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from backpack.config import ContinualConfig, EvalConfig, PromptsConfig, RunConfig, StorageConfig, \
-    StudentConfig, TeacherConfig
+from backpack.config import (ContinualConfig, EvalConfig, PromptsConfig, RunConfig, StorageConfig, StudentConfig,
+                             TeacherConfig)
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
-from backpack.data.store import DatasetStore
 from backpack.data.splits import is_heldout
+from backpack.data.store import DatasetStore
 from backpack.eval.evaluate import evaluate_model
 from backpack.eval.gate import Decision, Gate, decide
 from backpack.student import checkpoints

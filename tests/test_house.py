@@ -133,3 +133,11 @@ def test_core_imports_no_ray_redis_or_transformers():
 def test_module_is_small(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(PKG.parent)} has {n} lines (at most {MAX_LINES}: split it by role)"
+
+
+def test_plain_classes_become_actors_in_one_place():
+    """`ray.remote` is applied in backpack/run/actors.py only: everything else is plain classes and functions."""
+    calls = sorted(f"{m}" for m, p in modules().items() for node in ast.walk(ast.parse(p.read_text()))
+                   if isinstance(node, ast.Attribute) and node.attr == "remote" and isinstance(node.value, ast.Name)
+                   and node.value.id == "ray")
+    assert set(calls) == {"backpack.run.actors"}

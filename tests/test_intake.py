@@ -11,8 +11,8 @@ import pytest
 
 from backpack.data.store import DatasetStore
 from backpack.errors import InputError
-from backpack.scheduling.intake import GROUP, Intake, IntakeSource, backlog
 from backpack.runtime.redis_server import RunKeys
+from backpack.scheduling.intake import GROUP, Intake, IntakeSource, backlog
 from backpack.scheduling.scheduler import Scheduler
 from tests.test_scheduler import FakeReplica
 

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from backpack.teachers.accounting import format_usage, teacher_usage
 from backpack.config import validate_config
-from backpack.core.schema import completions_to_table, queries_to_table, table_to_queries
+from backpack.core.schema import queries_to_table
 from backpack.core.types import Completion, DecodingParams, Query
+from backpack.teachers.accounting import format_usage, teacher_usage
 from backpack.teachers.ledger import LedgerTeacher, QueryLedger, ledger_key
 
 from conftest import EXAMPLES
@@ -34,8 +34,7 @@ class CountingTeacher:
     def info(self) -> dict:
         return {"fingerprint": "fp-counting"}
 
-    def generate(self, table):
-        qs = table_to_queries(table)
+    def answer(self, qs):
         with self.lock:
             self.asked += [x.messages[-1]["content"] for x in qs]
         time.sleep(self.delay)
@@ -44,7 +43,7 @@ class CountingTeacher:
             text = x.messages[-1]["content"]
             out.append(Completion.failed(x.id, self.name, "boom") if text in self.fail else
                        Completion(query_id=x.id, teacher=self.name, text=f"A:{text}", token_ids=[1, 2, 3]))
-        return completions_to_table(qs, out)
+        return out
 
 
 def test_keys_cover_teacher_prompt_context_and_decoding():

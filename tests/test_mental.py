@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from backpack.config import validate_config
-from backpack.data.grounding import grounding, keep_for_training
+from backpack.config.knowledge import Experience, Passage, load_pack, parse_pack
 from backpack.core.chat import with_context
 from backpack.core.schema import DATASET_SCHEMA
+from backpack.data.grounding import grounding, keep_for_training
 from backpack.data.store import DatasetStore
 from backpack.errors import ConfigError, InputError
 from backpack.eval.facts import fact_found, load_questions, normalise, score
-from backpack.config.knowledge import Experience, Passage, load_pack, parse_pack
 from backpack.mental.recall import Recaller, TokenCounter
 from backpack.mental.setup import check_budget
 from backpack.mental.store import MentalStore, UnknownTaskError
@@ -280,11 +280,12 @@ def test_mental_commands_import_show_add_export(tmp_path, smol_dir, capsys):
 def test_context_distillation_end_to_end_on_the_shipped_pack(ray_session, tiny_model_dir, tmp_path):
     """A tiny teacher answers the shipped prompts with recall; each row records what was recalled and the
     knowledge version; the training text is the prompt alone; a student trains; the four settings are scored."""
-    from backpack.run.train import train
+    from transformers import AutoTokenizer
+
     from backpack.eval.knowledge import evaluate_facts
     from backpack.run.generate import generate
+    from backpack.run.train import train
     from backpack.student.examples import build_examples
-    from transformers import AutoTokenizer
 
     cfg = validate_config({
         "name": "cd", "storage": {"path": str(tmp_path)},

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 
 from backpack.config import TeacherConfig, validate_config
-from backpack.teachers.ratelimit import RateLimiter, backoff_s
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.errors import ConfigError, TeacherError
 from backpack.teachers.openai import EndpointError, OpenAITeacher, parse_response, request_body
+from backpack.teachers.ratelimit import RateLimiter, backoff_s
 
 from conftest import EXAMPLES
 

@@ -14,8 +14,8 @@ from backpack.cli import main
 from backpack.core.schema import completions_to_table
 from backpack.core.types import Completion, Query
 from backpack.data.store import DatasetStore
-from backpack.scheduling.intake import backlog
 from backpack.runtime.redis_server import RunKeys
+from backpack.scheduling.intake import backlog
 from backpack.student import checkpoints
 from backpack.student.registry import Registry
 

@@ -7,12 +7,12 @@ import time
 import psutil
 import pytest
 
-from backpack.run.actors import spawn_scheduler
 from backpack.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.data.store import DatasetStore
 from backpack.errors import ResourceError, TeacherError
+from backpack.run.actors import spawn_scheduler
 from backpack.run.generate import generate
 from backpack.run.pool import TeacherPool
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from backpack.mental.bm25 import BM25, Item, pack_context, words
-from backpack.errors import ConfigError, InputError
 from backpack.config.knowledge import load_pack, parse_pack
+from backpack.errors import ConfigError, InputError
+from backpack.mental.bm25 import BM25, Item, pack_context, words
 
 PASSAGES = {
     "refunds": "Refunds are paid to the original card within 30 days of the return being received.",

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from backpack.config import ServeConfig, StudentConfig
+from backpack.core.chat import encode_chat
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
+from backpack.serve.server import StudentServer
 from backpack.student import checkpoints
 from backpack.student.autopilot import load_student
 from backpack.student.registry import Registry, load_version
-from backpack.serve.server import StudentServer
-from backpack.core.chat import encode_chat
 from backpack.teachers.hf import HFTeacher
 
 MESSAGES = [{"role": "user", "content": "Tell me about the weather on Mars."}]

@@ -6,11 +6,11 @@ import json
 import pytest
 
 from backpack.config import validate_config
+from backpack.data.storage import RunFiles, join_uri, local_folder, sibling
 from backpack.run.evaluate import evaluate
 from backpack.run.generate import generate
 from backpack.run.train import train
 from backpack.student.checkpoints import latest_checkpoint
-from backpack.data.storage import RunFiles, join_uri, local_folder, sibling
 
 from conftest import EXAMPLES, run_main
 

@@ -108,8 +108,8 @@ def test_a_vllm_teacher_answers_with_ids_and_logprobs_and_its_dead_engine_loses_
     replica dead and the hf teacher answers everything; no prompt is lost."""
     from transformers import AutoTokenizer
 
-    from backpack.run.actors import spawn_scheduler
     from backpack.data.store import DatasetStore
+    from backpack.run.actors import spawn_scheduler
     from backpack.run.pool import TeacherPool
 
     hf = TeacherConfig(name="slow", replicas=1, batch_size=2, threads=1, num_cpus=1, max_batch_wait_ms=0)

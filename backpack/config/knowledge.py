@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backpack.errors import ConfigError, InputError
 
-
 PACK = "knowledge pack"
 
 

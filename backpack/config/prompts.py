@@ -13,7 +13,7 @@ from backpack.core.types import DecodingParams
 class PromptsConfig(Section):
     """The prompt collection of a run (for a continual run: the prompts pushed to its intake first)."""
 
-    path: str = Field(description="a JSONL or Parquet prompt collection (see the README's prompt files)")
+    path: str = Field(description="a JSONL or Parquet prompt collection (docs/reference/formats.md)")
     limit: Optional[int] = Field(None, ge=1, description="use only the first N prompts")
     default_task: str = Field("default", description="task name of prompts that name none")
     max_chars: int = Field(32_000, ge=1, description="longer prompts are recorded as failed, not sent")

@@ -106,7 +106,7 @@ def completions_to_table(queries: list[Query], completions: list[Completion]) ->
             sample_index=c.sample_index, status=c.status, error=c.error, teacher=c.teacher, replica=c.replica,
             model_fingerprint=c.model_fingerprint, text=c.text, finish_reason=c.finish_reason,
             prompt_tokens=c.prompt_tokens, token_ids=c.token_ids,
-            completion_tokens=len(c.token_ids) if c.completion_tokens is None else c.completion_tokens,
+            completion_tokens=c.tokens_generated,
             token_logprobs=c.token_logprobs, top_ids=c.top_ids, top_logprobs=c.top_logprobs,
             latency_s=c.latency_s, created_at=now,
         )

@@ -91,6 +91,11 @@ class Completion:
     # tokens generated, when the teacher reports it without token ids (a remote endpoint); else len(token_ids)
     completion_tokens: Optional[int] = None
 
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens of the answer: what the teacher reported, else its token ids."""
+        return len(self.token_ids) if self.completion_tokens is None else self.completion_tokens
+
     @classmethod
     def failed(cls, query_id: str, teacher: str, error: str, replica: str = "") -> "Completion":
         return cls(query_id=query_id, teacher=teacher, status=FAILED, finish_reason=ERROR, error=error,

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from backpack.data.manifest import Manifest, ShardEntry
 from backpack.core.schema import DATASET_SCHEMA, check_dataset_table, with_added_columns
 from backpack.core.types import OK
-from backpack.errors import DatasetError
+from backpack.data.manifest import Manifest, ShardEntry
 from backpack.data.storage import resolve
+from backpack.errors import DatasetError
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"

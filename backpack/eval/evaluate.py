@@ -14,8 +14,7 @@ import time
 import torch
 
 from backpack.core.losses import sequence_ce, topk_divergence
-from backpack.core.schema import table_to_queries
-from backpack.core.types import DecodingParams
+from backpack.core.types import DecodingParams, Query
 
 
 def _teacher_forced(model, tokenizer, rows, max_len: int, top_k: int, batch_size: int) -> tuple[float, float, int]:
@@ -63,25 +62,22 @@ def evaluate_model(model, tokenizer, rows: list[dict], name: str, max_new_tokens
 
 def _greedy_metrics(model, tokenizer, rows: list[dict], name: str, max_new_tokens: int, batch_size: int) -> dict:
     """chrF of the model's greedy answers against the teacher's, its generation speed, and a few samples."""
-    import pyarrow as pa
     from sacrebleu.metrics import CHRF
 
-    from backpack.core.schema import DATASET_SCHEMA, QUERY_SCHEMA, queries_to_table
     from backpack.teachers.hf import HFTeacher
 
     # greedy answers through the same generation code the teachers use
-    queries = table_to_queries(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA).select(QUERY_SCHEMA.names))
     greedy = DecodingParams(max_new_tokens=max_new_tokens)
-    queries = [type(q)(messages=q.messages, decoding=greedy, task=q.task, id=q.id) for q in queries]
+    queries = [Query(messages=r["messages"], decoding=greedy, task=r["task"], id=r["query_id"]) for r in rows]
     gen = HFTeacher.from_model(name, model, tokenizer, fingerprint=name, batch_size=batch_size)
     t0 = time.perf_counter()
-    answers = gen.generate(queries_to_table(queries)).to_pylist()
+    answers = gen.answer(queries)
     seconds = time.perf_counter() - t0
-    by_id = {a["query_id"]: a for a in answers}
-    hyps = [by_id[r["query_id"]]["text"] for r in rows]
+    by_id = {a.query_id: a for a in answers}
+    hyps = [by_id[r["query_id"]].text for r in rows]
     refs = [r["text"] for r in rows]
     chrf = CHRF().corpus_score(hyps, [refs]).score
-    gen_tokens = sum(a["completion_tokens"] for a in answers)
+    gen_tokens = sum(a.tokens_generated for a in answers)
     return {"chrf": chrf, "gen_tokens_per_s": gen_tokens / seconds if seconds else 0.0,
             "samples": [{"prompt": r["messages"][-1]["content"], "teacher": r["text"], "student": h}
                         for r, h in list(zip(rows, hyps))[:3]]}

@@ -32,14 +32,11 @@ SETTINGS = (
 
 
 def _answers(gen, questions: list[Question], contexts: Optional[dict], max_new_tokens: int) -> list[str]:
-    from backpack.core.schema import queries_to_table
-
     greedy = DecodingParams(max_new_tokens=max_new_tokens)
     queries = [Query(messages=[{"role": "user", "content": q.question}], decoding=greedy, task=q.task, id=q.id,
                      context=(contexts or {}).get(q.id)) for q in questions]
-    rows = gen.generate(queries_to_table(queries)).to_pylist()
-    by_id = {r["query_id"]: r for r in rows}
-    return [by_id[q.id]["text"] or "" for q in questions]
+    by_id = {c.query_id: c for c in gen.answer(queries)}
+    return [by_id[q.id].text or "" for q in questions]
 
 
 def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] = None, reporter=None) -> dict:
@@ -51,8 +48,8 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
     from backpack.runtime.progress import Reporter
     from backpack.runtime.session import attach_redis
     from backpack.student.registry import Registry, load_version
-    from backpack.teachers.base import build_teacher
     from backpack.teachers.hf import HFTeacher
+    from backpack.teachers.host import build_teacher
 
     cfg.require("student")
     if cfg.mental is None:

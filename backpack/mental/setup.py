@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Callable, Iterable, Optional
 
 from backpack.config import RunConfig
-from backpack.mental.bm25 import Item
-from backpack.errors import ConfigError, InputError
 from backpack.config.knowledge import PACK, KnowledgePack, load_pack
+from backpack.errors import ConfigError, InputError
+from backpack.mental.bm25 import Item
 from backpack.mental.recall import Recaller, TokenCounter
 from backpack.mental.store import MentalStore
 

@@ -20,8 +20,8 @@ from typing import Optional
 
 import redis
 
-from backpack.errors import InputError
 from backpack.config.knowledge import Experience, KnowledgePack, Passage, TaskKnowledge, parse_pack
+from backpack.errors import InputError
 from backpack.runtime.redis_server import RunRedis
 
 

@@ -14,7 +14,7 @@ import ray
 
 from backpack.config import TeacherConfig
 from backpack.scheduling.scheduler import Scheduler
-from backpack.teachers.base import TeacherHost
+from backpack.teachers.host import TeacherHost
 
 
 def warm_arrow_serialization() -> None:

@@ -300,8 +300,8 @@ class ContinualRun:
             ray.get(self.scheduler.replace_replica.remote(fresh), timeout=30)
         except Exception as e:  # not placeable now, failed to load, or the scheduler is gone: next round
             kill_actor(actor)
-            self.rep.stage(f"teacher replica {name} could not be started again ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); trying again shortly")
+            self.rep.stage(f"teacher replica {name} could not be started again ({cause_of(e)[:200]}); trying "
+                           "again shortly")
             return
         pool.replicas[i] = fresh
         self.supervisor.respawned(name)

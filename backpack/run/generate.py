@@ -18,7 +18,7 @@ from backpack.core.schema import completions_to_table, queries_to_table
 from backpack.core.types import OK, Completion
 from backpack.data.prompts import read_prompts
 from backpack.data.store import DatasetStore
-from backpack.errors import BackpackError
+from backpack.errors import BackpackError, cause_of
 from backpack.run.generation import Generation
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
@@ -90,7 +90,7 @@ def _answer(session: RunSession, store: DatasetStore, todo: list, result: Genera
         summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
     except ray.exceptions.RayActorError as e:
         progress.finish("failed")
-        raise BackpackError(f"the scheduler actor died ({str(e).splitlines()[0]}); answers stored so far "
+        raise BackpackError(f"the scheduler actor died ({cause_of(e)}); answers stored so far "
                             f"are kept: rerun the same command to resume") from None
     progress.finish()
     gen.record_counters()

@@ -184,8 +184,8 @@ def dataset_state(cfg: RunConfig) -> Optional[dict]:
 
 def usage_of(cfg: RunConfig) -> list[dict]:
     """Per-teacher prompts, answers, failures, tokens, latency and spend of the run's dataset."""
-    from backpack.teachers.accounting import teacher_usage
     from backpack.data.store import DatasetStore
+    from backpack.teachers.accounting import teacher_usage
 
     columns = ["teacher", "replica", "query_id", "status", "prompt_tokens", "completion_tokens", "latency_s"]
     rows = DatasetStore(str(cfg.dataset_dir), create=False).read(columns=columns).to_pylist()
@@ -193,14 +193,14 @@ def usage_of(cfg: RunConfig) -> list[dict]:
 
 
 def incidents_of(cfg: RunConfig) -> list[dict]:
-    """The run's last teacher incidents: replicas that could not start or died (core/accounting.py)."""
+    """The run's last teacher incidents: replicas that could not start or died (teachers/accounting.py)."""
     from backpack.teachers.accounting import INCIDENTS, parse_incidents
 
     return parse_incidents(run_files(cfg).read_text(INCIDENTS) or "")
 
 
 def replicas_of(cfg: RunConfig) -> dict:
-    """Each teacher replica's counters at the end of the run's last generation (core/accounting.py)."""
+    """Each teacher replica's counters at the end of the run's last generation (teachers/accounting.py)."""
     from backpack.teachers.accounting import REPLICAS
 
     text = run_files(cfg).read_text(REPLICAS)
@@ -219,9 +219,9 @@ def _int_or_none(v) -> Optional[int]:
 
 def status(cfg: RunConfig) -> dict:
     """The run at a glance: intake backlog, dataset, trainer, student versions, live version, server."""
-    from backpack.scheduling.intake import backlog
     from backpack.mental.store import MentalStore
     from backpack.runtime.redis_server import RunKeys, connect
+    from backpack.scheduling.intake import backlog
     from backpack.student.registry import Registry
 
     _require_run(cfg)

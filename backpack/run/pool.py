@@ -138,7 +138,7 @@ class TeacherPool:
         return self.infos
 
     def counters(self, timeout: float = 10.0) -> dict[str, dict]:
-        """Each live replica's counters (core/accounting.py COUNTERS: retries, rate-limit waits, ledger hits,
+        """Each live replica's counters (teachers/accounting.py COUNTERS: retries, rate-limit waits, ledger hits,
         model batches, ...), read from its info; a replica that does not answer in `timeout` is left out."""
         from backpack.teachers.accounting import replica_counters
 

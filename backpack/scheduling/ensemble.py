@@ -1,7 +1,7 @@
 """Policy ensemble: ask k teachers each Query, keep every answer or one by a rule. Pure, no Ray.
 
 The scheduler sends a copy of each batch to each asked teacher (pinned to it; the least-loaded of its replicas
-takes it, see core/routing.py) and hands each copy's outcome, answered or failed, to an `EnsembleHold`. The hold
+takes it, see scheduling/routing.py) and hands each copy's outcome, answered or failed, to an `EnsembleHold`. The hold
 is keyed by query id, not by batch: the halves of a split copy, and copies cut to different teachers' batch
 sizes, join back all the same. Once every asked teacher has answered or failed a Query, its rows are written
 together (one shard holds them, a stream acknowledges the prompt once), by `keep`:

@@ -23,9 +23,9 @@ from typing import Optional
 
 import pyarrow as pa
 
-from backpack.data.prompts import Rejected, parse_record
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query, query_id
+from backpack.data.prompts import Rejected, parse_record
 from backpack.errors import InputError
 from backpack.runtime.redis_server import RunRedis
 

@@ -15,7 +15,7 @@ retried is not sent back to the replica that just failed it).
                   dead or has failed the batch
     ensemble      each batch goes to several teachers (scheduler.ensemble): the scheduler pins one copy of it to
                   each asked teacher, and the least-loaded replica of that teacher takes it; the answers are
-                  joined and kept by the rules of core/ensemble.py
+                  joined and kept by the rules of scheduling/ensemble.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The query scheduler: routes batches of Queries to teacher replicas and streams answers to the store.
 
 A plain asyncio class. It sees replicas only through `ReplicaHandle` (a name, a teacher, limits, and an async
-`submit(table) -> table`), so tests drive it in-process with fakes and `actors.py` runs it as a Ray actor over
+`submit(table) -> table`), so tests drive it in-process with fakes and `backpack/run/actors.py` runs it as a Ray actor over
 teacher actors. Guarantees:
 
 - at most `max_in_flight` batches are queued at each replica;
@@ -12,7 +12,7 @@ teacher actors. Guarantees:
 - answers are appended to the sink (the DatasetStore) in shards of about `flush_rows` rows as they arrive;
 - with a `recall`, each Query carries its task's recalled knowledge to the teacher (and into its row);
 - with policy ensemble, each batch goes as one copy per asked teacher, pinned to it: a copy is retried, split
-  and failed among that teacher's replicas only, and its outcome waits in an `EnsembleHold` (core/ensemble.py)
+  and failed among that teacher's replicas only, and its outcome waits in an `EnsembleHold` (scheduling/ensemble.py)
   until every asked teacher has answered or failed its Queries; then their rows are written by `ensemble.keep`.
   A Query is failed only when every asked teacher failed it. A Query that names its teacher goes to that one
   alone. At most `max_pending` Queries have answers held: a teacher that runs ahead waits for the others.
@@ -45,7 +45,7 @@ class ReplicaHandle(Protocol):
     teacher: str
     batch_size: int
     max_in_flight: int
-    # optional, for the routing policies (see core/routing.py): tags, cost (per 1k tokens), rank (config order)
+    # optional, for the routing policies (see scheduling/routing.py): tags, cost (per 1k tokens), rank (config order)
 
     def submit(self, queries: pa.Table) -> Awaitable[pa.Table]: ...
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backpack.core.losses import IGNORE
 from backpack.core.chat import encode_chat
+from backpack.core.losses import IGNORE
 
 
 @dataclass

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from backpack.runtime.redis_server import RunRedis
 from backpack.data.storage import RunFiles, local_folder
+from backpack.runtime.redis_server import RunRedis
 from backpack.student import checkpoints
 
 

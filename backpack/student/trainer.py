@@ -73,8 +73,8 @@ class WorkerSession:
         import ray.train
         import torch
 
-        from backpack.runtime.allocator import loaded_allocator
         from backpack.data.storage import local_folder
+        from backpack.runtime.allocator import loaded_allocator
         from backpack.student import checkpoints
         from backpack.student.autopilot import load_student
 

@@ -1,9 +1,10 @@
-"""The teacher protocol and the factory that builds a teacher from its config.
+"""The teacher protocol: what every backend is, and its Arrow edge.
 
-A teacher takes a batch of Queries as an Arrow table (`QUERY_SCHEMA`) and returns a table of Completions
-(`DATASET_SCHEMA`), one row per sample. A Query it cannot answer (a prompt longer than its context) comes back
-as a failed row; a failure of the whole batch raises `TeacherError`. Teachers are plain classes: `actors.py`
-turns them into Ray actors.
+A teacher answers a list of Queries with Completions (`answer`), one per sample. A Query it cannot answer (a
+prompt longer than its context) comes back as a failed Completion; a failure of the whole batch raises
+`TeacherError`. Teachers are plain classes on plain objects: Arrow is the contract between actors, so a
+teacher actor (`TeacherHost`) converts once at its edge, the Queries in and the Completions out, and the ledger,
+the batcher and the model in between pass objects (`backpack.teachers.host`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
-from backpack.config import TeacherConfig
+from backpack.core.schema import completions_to_table, table_to_queries
+from backpack.core.types import Completion, Query
 
 
 @runtime_checkable
 class Teacher(Protocol):
     name: str
 
-    def generate(self, queries: pa.Table) -> pa.Table:
-        """QUERY_SCHEMA table in, DATASET_SCHEMA table out."""
+    def answer(self, queries: list[Query]) -> list[Completion]:
+        """Completions of `queries`, one per sample (a Query's samples in sample order)."""
         ...
 
     def info(self) -> dict:
@@ -28,95 +30,15 @@ class Teacher(Protocol):
         ...
 
 
-def build_teacher(cfg: TeacherConfig, replica: str = "") -> Teacher:
-    """Construct the teacher for `cfg.backend` (hf, vllm, openai)."""
-    if cfg.backend == "hf":
-        from backpack.teachers.hf import HFTeacher
-
-        return HFTeacher(cfg, replica=replica)
-    if cfg.backend == "vllm":
-        from backpack.teachers.vllm import VLLMTeacher
-
-        return VLLMTeacher(cfg, replica=replica)
-    if cfg.backend == "openai":
-        from backpack.teachers.openai import OpenAITeacher
-
-        return OpenAITeacher(cfg, replica=replica)
-    raise NotImplementedError(f"teacher backend {cfg.backend!r} is not built in this version")
+def answer_table(teacher: Teacher, queries: pa.Table) -> pa.Table:
+    """The Arrow edge of a teacher: a QUERY_SCHEMA table in, a DATASET_SCHEMA table out, one conversion each."""
+    qs = table_to_queries(queries)
+    return completions_to_table(qs, teacher.answer(qs))
 
 
-class BatchingTeacher:
-    """A teacher whose concurrent `generate` calls share model batches (a `DynamicBatcher` over its generate).
-
-    Only the batcher's worker thread calls the inner teacher, so a model that is not thread-safe is safe here.
-    Sits under the ledger: each caller asks the ledger on its own thread, only what is left is batched.
-    """
-
-    def __init__(self, teacher: Teacher, cfg: TeacherConfig):
-        from backpack.teachers.batching import DynamicBatcher
-
-        self.teacher, self.name = teacher, teacher.name
-        self.replica = getattr(teacher, "replica", teacher.name)
-        # max_callers: the scheduler keeps at most max_in_flight calls at a replica; once all of them wait,
-        # no one else can join, so the batch runs without waiting out max_batch_wait_ms.
-        self.batcher = DynamicBatcher(teacher.generate, max_rows=cfg.batch_size,
-                                      max_wait_s=cfg.max_batch_wait_ms / 1000, max_callers=cfg.max_in_flight,
-                                      name=f"batcher-{self.replica}")
+class TeacherBase:
+    """What every backend shares: `generate`, the Arrow edge for a teacher used on its own (tests, benchmarks)."""
 
     def generate(self, queries: pa.Table) -> pa.Table:
-        return self.batcher.submit(queries)
-
-    def info(self) -> dict:
-        s = self.batcher.stats
-        return {**self.teacher.info(), "batched_calls": s["calls"], "model_batches": s["batches"]}
-
-    def close(self) -> None:
-        self.batcher.close()
-
-
-class TeacherHost:
-    """What runs inside a teacher actor: builds the teacher for its config and answers for it.
-
-    Kept separate from the backends so every backend gets the same actor surface (`ready`, `generate`,
-    `peak_memory`) without knowing about Ray. With dynamic batching (`cfg.dynamic_batching()`) the actor is
-    threaded (actors.py): several `generate` calls wait in the batcher at once, and `ready` / `peak_memory`
-    answer meanwhile.
-    """
-
-    def __init__(self, cfg: TeacherConfig, replica: str = "", ledger=None):
-        self.teacher = build_teacher(cfg, replica)
-        self.batching = BatchingTeacher(self.teacher, cfg) if cfg.dynamic_batching() else None
-        if self.batching is not None:
-            self.teacher = self.batching
-        if ledger is not None:  # answers already paid for come from the query ledger (backpack/teachers/ledger.py)
-            from backpack.teachers.ledger import LedgerTeacher
-
-            self.teacher = LedgerTeacher(self.teacher, ledger)
-
-    def ready(self) -> dict:
-        """The teacher's info once its model is loaded, with the Ray node it runs on (placement is visible)."""
-        import os
-
-        info = dict(self.teacher.info(), pid=os.getpid())  # the process to look at (or kill, in a test)
-        try:
-            import ray
-
-            if ray.is_initialized():
-                info["node"] = ray.get_runtime_context().get_node_id()
-        except ImportError:  # a plain in-process host in a unit test
-            pass
-        return info
-
-    def generate(self, queries: pa.Table) -> pa.Table:
-        return self.teacher.generate(queries)
-
-    def close(self) -> None:
-        """Stop the batcher's thread, if any (an in-process host; an actor just ends with its process)."""
-        if self.batching is not None:
-            self.batching.close()
-
-    def peak_memory(self) -> int:
-        """Peak resident memory of this process in bytes."""
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        """QUERY_SCHEMA table in, DATASET_SCHEMA table out."""
+        return answer_table(self, queries)

@@ -12,14 +12,13 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
 import torch
 
 from backpack.config import TeacherConfig
 from backpack.core.chat import encode_chat, with_context
-from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
+from backpack.teachers.base import TeacherBase
 from backpack.teachers.decode import decode_batch, generate_batch, left_pad, supports
 from backpack.teachers.kvcache import KVBuffers
 from backpack.teachers.loader import ResolvedModel, resolve_model
@@ -28,8 +27,8 @@ from backpack.teachers.packed import pack_linears
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class HFTeacher:
-    """A transformers model behind the teacher protocol. Construct in-process for tests, or via actors.py."""
+class HFTeacher(TeacherBase):
+    """A transformers model behind the teacher protocol. Construct in-process for tests, or via backpack/run/actors.py."""
 
     def __init__(self, cfg: TeacherConfig, replica: str = "", cache=None):
         # Each replica gets its own thread budget: two processes both using every core collapse each other.
@@ -102,11 +101,10 @@ class HFTeacher:
 
     # ------------------------------------------------------------------ protocol
 
-    def generate(self, queries: pa.Table) -> pa.Table:
+    def answer(self, queries: list[Query]) -> list[Completion]:
         return self._on_torch_thread(self._answer, queries)
 
-    def _answer(self, queries: pa.Table) -> pa.Table:
-        qs = table_to_queries(queries)
+    def _answer(self, qs: list[Query]) -> list[Completion]:
         completions: list[Completion] = []
         encoded: dict[str, list[int]] = {}
         groups: dict[str, list[Query]] = defaultdict(list)
@@ -139,7 +137,7 @@ class HFTeacher:
             raise TeacherError(self.replica, f"{type(e).__name__}: {e}") from None
         order = {q.id: i for i, q in enumerate(qs)}
         completions.sort(key=lambda c: order[c.query_id])  # stable: a Query's samples stay in sample order
-        return completions_to_table(qs, completions)
+        return completions
 
     # ------------------------------------------------------------------ internals
 

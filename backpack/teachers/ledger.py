@@ -23,9 +23,10 @@ import uuid
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from backpack.teachers.accounting import LEDGER_REPLICA
 from backpack.core.chat import with_context
 from backpack.core.types import Completion, Query
+from backpack.teachers.accounting import LEDGER_REPLICA
+from backpack.teachers.base import TeacherBase
 
 PREFIX = "backpack:ledger"
 
@@ -108,7 +109,7 @@ class QueryLedger:
                 self.client.delete(f"{k}:claim")
 
 
-class LedgerTeacher:
+class LedgerTeacher(TeacherBase):
     """A teacher that asks the ledger first: answered Queries come from it, claimed ones are waited for, the
     rest are generated (holding claims, renewed in the background) and recorded. Counts what it saved."""
 
@@ -127,10 +128,7 @@ class LedgerTeacher:
     def info(self) -> dict:
         return {**self.teacher.info(), **self.stats}
 
-    def generate(self, queries):
-        from backpack.core.schema import completions_to_table, table_to_queries
-
-        qs = table_to_queries(queries)
+    def answer(self, qs: list[Query]) -> list[Completion]:
         fingerprint = self.teacher.info()["fingerprint"]
         keys = {q.id: ledger_key(fingerprint, q) for q in qs}
         answers: dict[str, list[Completion]] = {}
@@ -148,16 +146,14 @@ class LedgerTeacher:
             if pending:  # answered elsewhere right now: wait for it rather than pay twice
                 self._count("ledger_waits", len(pending))
                 time.sleep(self.wait_s)
-        return completions_to_table(qs, [c for q in qs for c in answers[q.id]])
+        return [c for q in qs for c in answers[q.id]]
 
     def _reused(self, c: Completion, q: Query) -> Completion:
         self._count("ledger_hits", 1)
-        self._count("tokens_saved", c.completion_tokens if c.completion_tokens is not None else len(c.token_ids))
+        self._count("tokens_saved", c.tokens_generated)
         return Completion(**{**asdict(c), "query_id": q.id, "latency_s": 0.0, "replica": LEDGER_REPLICA})
 
     def _generate(self, mine: list[Query], keys: dict) -> dict[str, list[Completion]]:
-        from backpack.core.schema import queries_to_table
-
         claimed = [keys[q.id] for q in mine if keys[q.id]]
         stop = threading.Event()
 
@@ -168,16 +164,15 @@ class LedgerTeacher:
         renewer = threading.Thread(target=renew, daemon=True)
         renewer.start()
         try:
-            rows = self.teacher.generate(queries_to_table(mine)).to_pylist()
+            completions = self.teacher.answer(mine)
         except BaseException:
             self.ledger.release(claimed, self.owner)
             raise
         finally:
             stop.set()
         out: dict[str, list[Completion]] = {q.id: [] for q in mine}
-        fields = set(Completion.__dataclass_fields__)
-        for r in rows:
-            out[r["query_id"]].append(Completion(**{k: r[k] for k in fields if k in r}))
+        for c in completions:
+            out[c.query_id].append(c)
         for q in mine:
             key, got = keys[q.id], out[q.id]
             if key is None:

@@ -22,14 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-import pyarrow as pa
-
 from backpack.config import TeacherConfig
-from backpack.teachers.ratelimit import RateLimiter, backoff_s
 from backpack.core.chat import with_context
-from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, Query
 from backpack.errors import TeacherError
+from backpack.teachers.base import TeacherBase
+from backpack.teachers.ratelimit import RateLimiter, backoff_s
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}   # worth another try: overload, rate limits, server hiccups
 TEACHER_STATUS = {401, 403, 404}                      # about the teacher, not the Query: another teacher answers
@@ -96,8 +94,8 @@ def _server_message(resp) -> str:
         return resp.text[:200]
 
 
-class OpenAITeacher:
-    """An OpenAI-compatible endpoint as a teacher. Construct in-process for tests, or via actors.py."""
+class OpenAITeacher(TeacherBase):
+    """An OpenAI-compatible endpoint as a teacher. Construct in-process for tests, or via backpack/run/actors.py."""
 
     def __init__(self, cfg: TeacherConfig, replica: str = ""):
         import requests
@@ -130,8 +128,7 @@ class OpenAITeacher:
                 "base_url": self.ep.base_url, "fingerprint": self.fingerprint, "device": "remote",
                 "concurrency": self.ep.concurrency, **self.stats, "rate_limited_s": round(self.limiter.waited_s, 3)}
 
-    def generate(self, queries: pa.Table) -> pa.Table:
-        qs = table_to_queries(queries)
+    def answer(self, qs: list[Query]) -> list[Completion]:
         results = list(self.pool.map(self._answer, qs))
         fatal = [r for r in results if isinstance(r, EndpointError) and r.fatal]
         if fatal or (results and all(isinstance(r, EndpointError) and r.retry for r in results)):
@@ -147,7 +144,7 @@ class OpenAITeacher:
                 completions.append(c)
             else:
                 completions += r
-        return completions_to_table(qs, completions)
+        return completions
 
     # ------------------------------------------------------------------ one Query
 

