@@ -10,5 +10,5 @@ The cluster's nodes need Backpack's dependencies installed (`make install` on ea
 (`s3://bucket/runs`, credentials in each node's environment) or a directory every node mounts at the same path
 with `storage.shared=true`, and `redis.url` a Redis server every node reaches (a multi-node run refuses the
 embedded Redis and an unshared folder). Follow a job with `ray job logs --follow JOB_ID`; the
-README's "From laptop to cluster" has the whole submit line.
+docs/guides/cluster.md has the whole submit line.
 """
