@@ -178,6 +178,13 @@ def test_hot_swap_while_requests_are_in_flight(student, redis_server, tmp_path):
     async def main():
         async with serving(student, reg) as (server, http):
             answers = []  # (client, sent at, status, version, text)
+            load = server._load
+
+            def slow_load(version: int):  # a real model loads for seconds; the tiny one in a blink, a race
+                time.sleep(1.0)
+                return load(version)
+
+            server._load = slow_load
 
             async def client(n: int, stream: bool):
                 while True:
