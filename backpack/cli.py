@@ -48,9 +48,18 @@ def _print_err(msg: str) -> None:
 
 def cmd_validate(args) -> int:
     from backpack.config import load_config
+    from backpack.runtime.redis_server import redact
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(cfg.model_dump(), indent=2))
+    shown = cfg.model_dump()
+    # URLs may carry credentials (a Redis password, S3 keys in a query string): never echoed
+    if shown["redis"].get("url"):
+        shown["redis"]["url"] = redact(shown["redis"]["url"])
+    shown["storage"]["path"] = redact(shown["storage"]["path"])
+    for t in shown["teachers"]:
+        if t.get("endpoint"):
+            t["endpoint"]["base_url"] = redact(t["endpoint"]["base_url"])
+    print(json.dumps(shown, indent=2))
     print(f"{args.config}: valid", file=sys.stderr)
     return 0
 
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         """A subcommand taking a run config, field overrides and --quiet."""
         c = sub.add_parser(name, help=help)
         c.add_argument("config", help="run config (YAML)")
-        c.add_argument("overrides", nargs="*", help="field overrides, e.g. teachers.0.replicas=2")
+        c.add_argument("overrides", nargs="*", default=[], help="field overrides, e.g. teachers.0.replicas=2")
         c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
         c.set_defaults(func=func)
         return c
@@ -269,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("config", help="run config (YAML)")
         for arg, kw in positional:
             c.add_argument(arg, **kw)
-        c.add_argument("overrides", nargs="*", help="field overrides, e.g. storage.path=/data/runs")
+        c.add_argument("overrides", nargs="*", default=[], help="field overrides, e.g. storage.path=/data/runs")
         if json_flag:
             c.add_argument("--json", action="store_true", help="print one JSON object")
         c.set_defaults(func=func)
@@ -312,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")
-    v.add_argument("overrides", nargs="*")
+    v.add_argument("overrides", nargs="*", default=[])
     v.set_defaults(func=cmd_validate)
 
     d = sub.add_parser("data", help="inspect and export datasets")

@@ -7,7 +7,8 @@
 `up` starts a head and one worker node per --worker (its custom resources; default: one teacher node and one
 trainer node), each a `ray start --block` process on free ports (see backpack/runtime/local_cluster.py), and
 returns while the nodes keep running; it records their pids and ports in a state file (--state, default
-/tmp/backpack-local-cluster-<uid>.json) and prints the address, the dashboard URL and the `ray job submit`
+~/.local/state/backpack/local-cluster.json, mode 0600; one of anybody else's, or readable by others, is refused)
+and prints the address, the dashboard URL and the `ray job submit`
 command with the environment to use. `status` lists the live nodes; `down` stops exactly the recorded
 processes (and what they started) and removes the state file.
 """
@@ -19,6 +20,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -27,9 +29,12 @@ sys.path.insert(0, str(REPO))
 
 from backpack.errors import BackpackError  # noqa: E402
 from backpack.runtime.local_cluster import LocalCluster  # noqa: E402
+from backpack.runtime.local_files import private_dirs, write_durably  # noqa: E402
 from backpack.runtime.redis_server import EmbeddedRedis  # noqa: E402
 
-DEFAULT_STATE = f"/tmp/backpack-local-cluster-{os.getuid()}.json"
+# In a folder of this user's only (not /tmp, where anyone may leave a file under the name we would read).
+DEFAULT_STATE = str(Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "backpack"
+                    / "local-cluster.json")
 # the quickstart's two teacher replicas fit the teacher node; Ray Train's worker the trainer node
 DEFAULT_WORKERS = [{"teacher": 2.0}, {"trainer": 1.0}]
 
@@ -55,10 +60,22 @@ def _is_redis(pid: int) -> bool:
 
 
 def read_state(path: str) -> dict | None:
+    """The recorded cluster, if any. What it names is signalled and deleted, so only a file of this user's
+    that nobody else can write (or read: it holds the Redis password) is believed."""
+    p = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        info = p.lstat()
     except FileNotFoundError:
         return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise SystemExit(f"error: refusing the state file {path}: it must be a regular file of yours with mode "
+                         f"0600 (it is {'a link or special file' if not stat.S_ISREG(info.st_mode) else ''}"
+                         f"{'' if info.st_uid == os.getuid() else f'owned by uid {info.st_uid}'}"
+                         f"{f' mode {info.st_mode & 0o777:o}' if info.st_mode & 0o077 else ''}); remove it")
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        raise SystemExit(f"error: the state file {path} is not JSON; remove it") from None
 
 
 def is_up(cluster: LocalCluster) -> bool:
@@ -95,8 +112,8 @@ def up(args) -> int:
         # a run on several nodes refuses the embedded per-run Redis: this one is the cluster's (redis.url)
         server = EmbeddedRedis(Path(cluster.temp_dir) / "redis", detached=True).start()
         state = {**cluster.state(), "redis": {"url": server.url, "pid": server.proc.pid}}
-        Path(args.state).touch(mode=0o600)  # the Redis URL holds its password
-        Path(args.state).write_text(json.dumps(state, indent=1))
+        private_dirs(Path(args.state).parent)
+        write_durably(args.state, json.dumps(state, indent=1).encode(), mode=0o600)  # the Redis URL: a password
     except BaseException:
         cluster.stop()
         raise

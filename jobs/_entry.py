@@ -14,7 +14,8 @@ def run(command: str, argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="field overrides, e.g. training.num_workers=2")
     args = ap.parse_args(argv)
     # Inside a Ray Job, RAY_ADDRESS points at the cluster; the run joins it instead of starting one.
-    code = main([command, args.config, *args.overrides, "--quiet"])
+    # Not --quiet: off a terminal progress is a plain line every 10 s, which `ray job logs --follow` shows.
+    code = main([command, args.config, *args.overrides])
     if code == 0 and command == "run":
         print_report(args.config, args.overrides)
     return code

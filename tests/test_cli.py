@@ -169,3 +169,68 @@ def test_progress_off_a_terminal_is_a_line_every_few_seconds():
     quiet = io.StringIO()
     TerminalReporter(quiet=True, stream=quiet).progress(1, 0, 10, 5, 1.0)
     assert quiet.getvalue() == ""
+
+
+def test_mistakes_a_new_user_makes_get_one_clear_message(capsys, tmp_path):
+    from conftest import run_main
+
+    quick = str(EXAMPLES / "quickstart.yaml")
+    # the student's base is looked for before any teacher works, beside the teachers' models
+    proc = run_main(capsys, "run", quick, f"student.base={tmp_path}/nope/dir")
+    assert_clear_error(proc, f"student.base: file or directory not found: '{tmp_path}/nope/dir'")
+    # a storage path that cannot be created
+    proc = run_main(capsys, "generate", quick, "storage.path=/proc/x")
+    assert_clear_error(proc, "storage.path: cannot create the run's folder '/proc/x/quickstart'")
+    # overrides are optional: only the config is missing
+    with pytest.raises(SystemExit) as exit_:
+        run_main(capsys, "run")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "required: config" in err and "overrides" not in err.splitlines()[-1]
+
+
+def test_validate_never_echoes_a_secret(capsys):
+    from conftest import run_main
+
+    proc = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"), "redis.url=redis://:hunter2@host:7/0",
+                    "storage.path=s3://b/runs?secret_key=hunter3&region=eu")
+    assert proc.returncode == 0 and "hunter" not in proc.stdout + proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["redis"]["url"] == "redis://:***@host:7/0" and shown["storage"]["path"].endswith("region=eu")
+    bad = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"), "teachers.0.backend=openai",
+                   "teachers.0.endpoint.base_url=https://me:sk-123@api.example.com/v1")
+    assert_clear_error(bad, "holds credentials", "endpoint.api_key_env")
+    assert "sk-123" not in bad.stderr
+
+
+def test_training_reports_its_steps_while_ray_train_runs(tmp_path):
+    from backpack.data.storage import RunFiles
+    from backpack.run.train import TrainingProgress
+
+    files = RunFiles(tmp_path)
+    files.write_text("train/metrics.jsonl", json.dumps({"step": 10, "loss": 9.0}) + "\n")  # an earlier run's
+    said = []
+    rep = type("Rep", (), {"stage": lambda self, text: said.append(text)})()
+    progress = TrainingProgress(files, "train/metrics.jsonl", 40, rep, every=0.05)
+    progress.report()
+    assert said == []  # step 10 was reported by the run that logged it
+    files.append_text("train/metrics.jsonl", json.dumps({"step": 15, "loss": 2.5, "tokens_per_s": 812.4}) + "\n")
+    files.append_text("train/metrics.jsonl", '{"step": 20, "lo')  # a line being written: read next time
+    progress.report()
+    assert said == []
+    files.write_text("train/metrics.jsonl", json.dumps({"step": 20, "loss": 2.25, "tokens_per_s": 800}) + "\n")
+    with progress:
+        import time
+
+        time.sleep(0.3)
+    assert said == ["training: step 20/40, loss 2.250, 800 tok/s"]
+
+
+def test_configs_too_deep_or_with_impossible_paths_are_one_message(capsys, tmp_path):
+    from conftest import run_main
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    assert_clear_error(run_main(capsys, "validate", str(deep)), "nested too deeply")
+    proc = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"), "prompts.path=" + "x" * 100_000)
+    assert_clear_error(proc, "prompts.path: file not found", "(100000 characters)")
+    assert len(proc.stderr) < 2000

@@ -215,3 +215,13 @@ def test_shipped_prompt_collection_is_clean():
     assert not bad and len(qs) >= 200
     assert len({q.messages[-1]["content"] for q in qs}) == len(qs)
     assert len({q.task for q in qs}) >= 5
+
+
+def test_prompt_records_too_deep_or_not_unicode_are_rejected_with_a_reason(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = ['{"prompt": ' + "[" * 50_000 + "]" * 50_000 + "}", '{"prompt": "fine", "id": "\\ud800"}',
+             '{"prompt": "fine too"}']
+    path.write_text("\n".join(lines) + "\n")
+    queries, rejected = read_prompts(path, DecodingParams())
+    assert [q.messages[-1]["content"] for q in queries] == ["fine too"]
+    assert "nested too deeply" in rejected[0].reason and "not valid Unicode" in rejected[1].reason

@@ -210,3 +210,29 @@ def test_evaluate_model_without_generation_gives_the_same_forward_metrics(teache
     assert not {"chrf", "gen_tokens_per_s", "samples"} & set(fast) and "chrf" in full
     for k in ("nll", "perplexity", "kl_to_teacher", "eval_rows", "eval_tokens", "params"):
         assert fast[k] == full[k] or (math.isnan(fast[k]) and math.isnan(full[k]))
+
+
+def test_the_gate_never_overrides_a_promote_made_while_it_scored(redis_server, tmp_path):
+    # scores are stubbed: what is tested is the compare-and-set of the live version against an operator
+    cfg = _run(tmp_path, "unused-base")
+    reg = Registry(redis_server.url, cfg.name, cfg.run_dir)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    for name in (checkpoints.WEIGHTS, checkpoints.STATE):
+        (ck / name).write_bytes(b"{}")
+    for step in (10, 20, 30):
+        reg.publish(ck, {"step": step})
+    gate = Gate(cfg, reg)
+    gate.gate_rows = lambda: [{"query_id": "q", "top_ids": [[1]]}]
+
+    def score_while_the_operator_promotes(version, rows):
+        if version == 3:
+            reg.promote(1, by="user", reason="backpack promote")  # made while the gate measures version 3
+        return 1.0 if version == 3 else 2.0  # version 3 is better: the rule alone would promote it
+    gate.score = score_while_the_operator_promotes
+    rec = gate.judge(3)
+    assert reg.live() == 1  # the operator's choice stands
+    assert rec["decision"] == "kept" and "the live version changed while the gate scored" in rec["reason"]
+    assert reg.get(3)["gate"]["decision"] == "kept"
+    assert reg.promote(2, if_live=1) and reg.live() == 2
+    assert not reg.promote(3, if_live=1) and reg.live() == 2  # compare-and-set: 1 is no longer live

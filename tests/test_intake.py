@@ -217,3 +217,65 @@ def test_malformed_entries_and_failed_rows_stored_before_a_crash(redis_server, t
     assert any("not a Backpack query" in (r["error"] or "") for r in rows)
     b = backlog(redis_server.url, RUN)
     assert (b.waiting, b.in_progress) == (0, 0)
+
+
+def _store_answers(store, queries, status="ok"):
+    from backpack.core.schema import completions_to_table
+    from backpack.core.types import Completion
+
+    comps = [Completion(q.id, "t", text="ok", token_ids=[1]) if status == "ok" else
+             Completion(q.id, "t", status="failed", error="teacher down") for q in queries]
+    store.append(completions_to_table(queries, comps))
+
+
+def test_a_push_under_an_id_a_batch_generate_answered_is_refused_not_dropped(redis_server, tmp_path):
+    from backpack.core.types import DecodingParams, Query
+    from backpack.scheduling.intake import answered_prompts
+
+    store = DatasetStore(tmp_path / "ds")
+    batch = Query(messages=[{"role": "user", "content": "What is Ray?"}], id="q-1")
+    _store_answers(store, [batch])  # answered by an earlier batch `generate` of the run
+    # pushed before the continual run records the stored prompts: the scheduler fails it with a reason
+    early = Intake(redis_server.url, RUN)
+    early.push("Something else entirely", id="q-1")
+    source = IntakeSource(redis_server.url, RUN, answered=answered_prompts(store.read()))
+    got, rejected = source.fetch(10)
+    assert got == [] and len(rejected) == 1 and "'q-1' already names another, answered prompt" in rejected[0].reason
+    # once recorded: another prompt under that id is refused at the push; the same prompt is a duplicate
+    early.claim_answered(answered_prompts(store.read()))
+    with pytest.raises(InputError, match="'q-1' was already used for another prompt"):
+        early.push("Yet another prompt", id="q-1")
+    same = early.push_query(Query(messages=batch.messages, id="q-2", decoding=DecodingParams()))
+    assert not same.accepted and same.query_id == "q-1"
+
+
+def test_a_failed_row_stored_before_a_crash_leaves_the_prompt_retryable(redis_server, tmp_path):
+    intake = Intake(redis_server.url, RUN)
+    assert intake.push("flaky prompt").accepted
+    store = DatasetStore(tmp_path / "ds")
+    crashed = IntakeSource(redis_server.url, RUN, answered=set())
+    got, _ = crashed.fetch(4)
+    _store_answers(store, got, status="failed")  # ... and the scheduler dies before stored()
+    status = store.query_status()
+    again = IntakeSource(redis_server.url, RUN, answered=store.answered_ids(), stored_ids=set(status))
+    assert again.fetch(4) == ([], [])  # its failed row is stored: acknowledged, not answered twice
+    assert intake.push("flaky prompt").accepted  # and a re-push retries it, as after a failure without a crash
+
+
+def test_a_prompts_own_decoding_is_capped_by_the_runs_limits(redis_server):
+    from backpack.config import DecodingConfig, PromptsConfig
+
+    intake = Intake(redis_server.url, RUN)  # caps default to the intake's own decoding (64 tokens, n 1)
+    with pytest.raises(InputError, match=r"decoding.max_new_tokens=32768 is over this run's limit of 64 .*"
+                                         r"prompts.override_max_new_tokens"):
+        intake.push("long please", decoding={"max_new_tokens": 32768})
+    with pytest.raises(InputError, match=r"decoding.n=64 is over this run's limit of 1"):
+        intake.push("many please", decoding={"n": 64, "temperature": 1.0})
+    assert intake.push("shorter is fine", decoding={"max_new_tokens": 8}).accepted
+    caps = PromptsConfig(path="p.jsonl", override_max_new_tokens=512, override_max_n=4).override_caps(
+        DecodingConfig())
+    assert caps == {"max_new_tokens": 512, "n": 4, "logprobs": 0}
+    wider = Intake(redis_server.url, RUN, caps=caps)
+    assert wider.push("long please", decoding={"max_new_tokens": 512}).accepted
+    with pytest.raises(InputError, match="decoding.logprobs=5 is over this run's limit of 0"):
+        wider.push("logprobs please", decoding={"logprobs": 5})

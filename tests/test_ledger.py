@@ -146,3 +146,60 @@ def test_a_second_identical_run_costs_zero_teacher_tokens(ray_session, tiny_mode
         assert "openai: ledger_hits 5" in format_status(status(cfg2))
     finally:
         ray.kill(server)
+
+
+def test_claims_are_compare_and_act_and_a_corrupt_answer_is_a_miss(redis_server):
+    ledger = QueryLedger(redis_server.url, lease_s=30)
+    key = ledger_key("fp-counting", q("x"))
+    assert ledger.claim(key, "a") and not ledger.claim(key, "b")
+    ledger.release([key], "b")  # not b's: nothing happens
+    ledger.renew([key], "b")
+    assert ledger.client.get(f"{key}:claim") == "a"
+    ledger.release([key], "a")
+    assert ledger.client.get(f"{key}:claim") is None
+    # an answer stored between a replica's lookup and its claim: the claim is won, then the answer is found
+    ledger.store(key, [Completion(query_id="x", teacher="t", text="A:x", token_ids=[1])])
+    late = CountingTeacher()
+    replica = LedgerTeacher(late, ledger)
+    real_lookup, looks = ledger.lookup, []
+    ledger.lookup = lambda keys: looks.append(keys) or ([None] * len(keys) if len(looks) == 1 else real_lookup(keys))
+    rows = replica.generate(queries_to_table([q("x")])).to_pylist()
+    ledger.lookup = real_lookup
+    assert late.asked == [] and rows[0]["text"] == "A:x" and ledger.client.get(f"{key}:claim") is None
+    # one corrupt value (another version, a bad write) is a miss: answered again, and replaced
+    bad = ledger_key("fp-counting", q("corrupt"))
+    for raw in ('{"not": "a list"', '[{"unknown_field": 1}]', '"text"'):
+        ledger.client.set(f"{bad}:done", raw)
+        assert ledger.lookup([bad]) == [None]
+    teacher = CountingTeacher()
+    rows = LedgerTeacher(teacher, ledger).generate(queries_to_table([q("corrupt")])).to_pylist()
+    assert teacher.asked == ["corrupt"] and rows[0]["text"] == "A:corrupt"
+    assert ledger.lookup([bad])[0][0].text == "A:corrupt"
+
+
+def test_renewals_survive_a_redis_error_and_waiters_have_a_deadline(redis_server):
+    ledger = QueryLedger(redis_server.url, lease_s=3)  # renewed every second; the first renewal fails
+    errors = {"n": 0}
+    real_renew = ledger.renew
+
+    def flaky_renew(keys, owner):
+        if errors["n"] < 1:
+            errors["n"] += 1
+            raise ConnectionError("Redis went away for a moment")
+        real_renew(keys, owner)
+    ledger.renew = flaky_renew
+    slow = CountingTeacher(delay=5.0)
+    table = queries_to_table([q("long")])
+    worker = threading.Thread(target=LedgerTeacher(slow, ledger).generate, args=(table,))
+    worker.start()
+    time.sleep(4.0)  # past the first lease: only renewals after the failed one keep the claim
+    assert errors["n"] == 1 and ledger.client.get(f"{ledger_key('fp-counting', q('long'))}:claim") is not None
+    worker.join()
+    # an owner that holds its claim and never answers: a waiter answers it itself after max_wait_s
+    stuck = ledger_key("fp-counting", q("stuck"))
+    assert ledger.claim(stuck, "alive-but-stuck")
+    ledger.client.expire(f"{stuck}:claim", 600)
+    other = CountingTeacher()
+    rows = LedgerTeacher(other, ledger, wait_s=0.05, max_wait_s=0.5).generate(
+        queries_to_table([q("stuck")])).to_pylist()
+    assert other.asked == ["stuck"] and rows[0]["status"] == "ok"

@@ -245,3 +245,23 @@ def test_bad_arguments_exit_2(tmp_path, args):
     with pytest.raises(SystemExit) as e:
         main([args[0], write_config(tmp_path), *args[1:]])
     assert e.value.code == 2
+
+
+def test_a_command_beside_a_live_run_attaches_to_its_redis(tmp_path):
+    # `backpack eval` (and ingest, status...) during a live continual run: the run's own Redis, not a second
+    # server on the same AOF folder, and the live run's endpoint.json stays
+    from backpack.config import load_config
+    from backpack.runtime.session import RunSession, attach_redis
+
+    cfg = load_config(write_config(tmp_path), check_files=False)
+    with RunSession(cfg) as live:
+        url = live.redis_url
+        endpoint = cfg.run_dir / "redis" / "endpoint.json"
+        assert endpoint.exists()
+        def redis_servers() -> int:
+            return sum("redis-server" in " ".join(p.info["cmdline"] or [])
+                       for p in psutil.process_iter(["cmdline"]))
+        before = redis_servers()
+        with attach_redis(cfg) as beside:
+            assert beside == url and redis_servers() == before  # no second server on the run's AOF
+        assert endpoint.exists()

@@ -73,3 +73,48 @@ def test_unreachable_and_wrong_password(redis_server):
 def test_keys_are_namespaced_and_urls_redacted():
     assert RunKeys("r1").progress == "backpack:r1:progress" != RunKeys("r2").progress
     assert redact("redis://:secret@host:1/0") == "redis://:***@host:1/0"
+
+
+def test_the_embedded_redis_files_are_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with EmbeddedRedis(tmp_path / "r") as s:
+            connect(s.url).set("secret", "prompt text")
+            time.sleep(1.2)  # appendfsync everysec
+            files = [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+            assert any("appendonly" in p.name for p in files)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in files}
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o700
+    assert all(m & 0o077 == 0 for m in modes.values()), modes  # redis.conf (the password), AOF, log
+
+
+def test_query_string_secrets_are_redacted_too():
+    assert redact("s3://bucket/runs?endpoint_override=minio:9000&secret_key=abc&access_key=AK&scheme=http") == \
+        "s3://bucket/runs?endpoint_override=minio:9000&secret_key=***&access_key=***&scheme=http"
+    assert redact("https://user:pw@api.example.com/v1?token=t") == "https://user:***@api.example.com/v1?token=***"
+    assert redact("runs/local/folder") == "runs/local/folder"
+
+
+def test_a_redis_hiccup_is_retried_then_one_clear_error():
+    from backpack.runtime.redis_server import with_retries
+
+    slept, answers = [], iter([redis.exceptions.ConnectionError("down"), redis.exceptions.BusyLoadingError("aof"),
+                               "1"])
+
+    def call():
+        got = next(answers)
+        if isinstance(got, Exception):
+            raise got
+        return got
+    assert with_retries(call, "reading the stop flag", "redis://:pw@h:1/0", sleep=slept.append) == "1"
+    assert slept == [0.5, 1.0]
+
+    def down():
+        raise redis.exceptions.ConnectionError("Connection refused")
+    slept.clear()
+    with pytest.raises(RedisUnavailableError, match=r"redis://:\*\*\*@h:1/0 did not answer for 1\d s "
+                                                     r"\(reading the stop flag\)"):
+        with_retries(down, "reading the stop flag", "redis://:pw@h:1/0", budget_s=10, sleep=slept.append)
+    assert slept == [0.5, 1.0, 2.0, 4.0, 8.0]

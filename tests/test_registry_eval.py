@@ -134,3 +134,25 @@ def test_report_files(tmp_path):
     assert "| 1 | 10 | 1.500 | 4.50 | 30.0 | — | 1.0 | 11.0 |" in md and "NLL 2.000 → 1.500" in md
     assert json.loads((tmp_path / "report.json").read_text())["versions"][1]["chrf"] == 30.0
     assert (tmp_path / "report.png").stat().st_size > 5000
+
+
+def test_version_numbers_go_on_past_storage_after_the_redis_state_is_lost(tmp_path):
+    from backpack.runtime.redis_server import EmbeddedRedis
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / checkpoints.WEIGHTS).write_bytes(b"first weights")
+    (ck / checkpoints.STATE).write_text("{}")
+    with EmbeddedRedis(tmp_path / "redis-a") as redis:
+        reg = Registry(redis.url, "lost", tmp_path / "run")
+        assert [reg.publish(ck, {"step": s}) for s in (10, 20)] == [1, 2]
+    (ck / checkpoints.WEIGHTS).write_bytes(b"new weights")
+    with EmbeddedRedis(tmp_path / "redis-b") as redis:  # the Redis state is gone, the storage is not
+        reg = Registry(redis.url, "lost", tmp_path / "run")
+        assert reg.stored_versions() == [1, 2]
+        assert reg.publish(ck, {"step": 30}) == 3
+        (tmp_path / "run" / "students" / "v4").mkdir()  # a folder with no version in it yet: skipped too
+        assert reg.publish(ck, {"step": 40}) == 5
+    students = tmp_path / "run" / "students"
+    assert (students / "v1" / checkpoints.WEIGHTS).read_bytes() == b"first weights"  # never overwritten
+    assert (students / "v3" / checkpoints.WEIGHTS).read_bytes() == b"new weights"

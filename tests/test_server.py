@@ -160,9 +160,17 @@ def test_bad_requests_are_400_naming_the_field(student):
                     err = (await r.json())["error"]
                 assert err["type"] == "invalid_request_error" and err["param"] == field, (raw, err)
                 assert field is None or field.split("[")[0] in err["message"]
+            # too big, too deep: JSON errors too, not aiohttp's plain text or a 500
+            too_big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+            deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+            for raw, code in ((too_big, 413), (deep, 400)):
+                async with http.post("/v1/chat/completions", data=raw,
+                                     headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == code and r.content_type == "application/json"
+                    assert "error" in await r.json()
             status, _ = await chat(http)  # and the server is still fine
             assert status == 200
-            assert server.info()["rejected"] == len(BAD) and server.info()["failed"] == 0
+            assert server.info()["rejected"] == len(BAD) + 2 and server.info()["failed"] == 0
     asyncio.run(main())
 
 

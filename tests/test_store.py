@@ -62,3 +62,41 @@ def test_rejects_wrong_schema(tmp_path):
     s = DatasetStore(tmp_path / "ds")
     with pytest.raises(ValueError, match="schema"):
         s.append(pa.table({"x": [1]}))
+
+
+def test_two_writers_of_one_dataset_lose_no_shard(tmp_path):
+    import threading
+
+    DatasetStore(tmp_path / "ds")
+    errors = []
+
+    def writer(name):  # each writer has its own handle, as two processes would
+        store = DatasetStore(tmp_path / "ds")
+        try:
+            for i in range(12):
+                store.append(rows(f"{name}{i}-", 2))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=writer, args=(n,)) for n in "xy"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = DatasetStore(tmp_path / "ds", create=False)
+    assert not errors and s.version == 24 and s.read().num_rows == 48
+    assert len(set(s.read(columns=["query_id"]).column("query_id").to_pylist())) == 48
+
+
+def test_appends_are_durable_and_private(tmp_path, monkeypatch):
+    import os
+
+    from backpack.runtime import local_files
+
+    synced = []
+    real = local_files.fsync_dir
+    monkeypatch.setattr(local_files, "fsync_dir", lambda p: (synced.append(os.path.basename(p)), real(p)))
+    s = DatasetStore(tmp_path / "runs" / "r1" / "ds")
+    s.append(rows("a", 2))
+    assert synced.count("shards") == 1 and synced.count("ds") == 2  # the new shard's name; the manifest twice
+    for d in (tmp_path / "runs", tmp_path / "runs" / "r1", tmp_path / "runs" / "r1" / "ds"):
+        assert d.stat().st_mode & 0o777 == 0o700, d

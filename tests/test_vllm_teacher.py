@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from pydantic import ValidationError
 
 from backpack.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
@@ -232,3 +233,11 @@ def test_openai_teacher_on_vllms_own_server(vllm_server):
     with pytest.raises(TeacherError) as e:
         stranger.generate(queries_to_table(_queries(1, max_new_tokens=4)))
     assert "404" in str(e.value) and "no-such-model" in str(e.value)
+
+
+def test_remote_code_only_through_its_own_field():
+    with pytest.raises(ValidationError, match="trust_remote_code is not taken from engine_args"):
+        TeacherConfig(name="v", backend="vllm", vllm={"engine_args": {"trust_remote_code": True}})
+    assert engine_kwargs(vllm_teacher(), "/m", on_gpu=False)["trust_remote_code"] is False
+    trusted = TeacherConfig(name="v", backend="vllm", vllm={"trust_remote_code": True})
+    assert engine_kwargs(trusted, "/m", on_gpu=True)["trust_remote_code"] is True

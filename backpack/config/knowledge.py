@@ -120,6 +120,9 @@ def _jsonl_data(text: str, source: str) -> dict:
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: not JSON ({e.msg})")
             continue
+        except RecursionError:
+            problems.append(f"line {n}: nested too deeply")
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get("task"), str) or not rec["task"]:
             problems.append(f"line {n}: each record is an object naming its 'task'")
             continue
@@ -163,4 +166,6 @@ def load_pack(path: str | Path) -> KnowledgePack:
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(str(path), [f"(file): not valid {kind}: {str(e).splitlines()[0]}"], PACK) from None
+    except RecursionError:
+        raise ConfigError(str(path), ["(file): nested too deeply to be a knowledge pack"], PACK) from None
     return parse_pack(data, str(path))

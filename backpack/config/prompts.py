@@ -17,6 +17,20 @@ class PromptsConfig(Section):
     limit: Optional[int] = Field(None, ge=1, description="use only the first N prompts")
     default_task: str = Field("default", description="task name of prompts that name none")
     max_chars: int = Field(32_000, ge=1, description="longer prompts are recorded as failed, not sent")
+    # One record's own "decoding" may not ask for more than these (a pushed prompt could otherwise multiply a
+    # paid teacher's bill or run a teacher out of memory); over them it is refused, naming the field.
+    override_max_new_tokens: Optional[int] = Field(None, ge=1, le=32_768, description=(
+        "most max_new_tokens a record's own decoding may ask for (null: the run's decoding.max_new_tokens)"))
+    override_max_n: Optional[int] = Field(None, ge=1, le=64, description=(
+        "most answers (n) a record's own decoding may ask for (null: the run's decoding.n)"))
+    override_max_logprobs: Optional[int] = Field(None, ge=0, le=64, description=(
+        "most top-k logprobs a record's own decoding may ask for (null: the run's decoding.logprobs)"))
+
+    def override_caps(self, decoding: "DecodingConfig") -> dict[str, int]:
+        """The most each decoding field may be set to by a record's own `decoding`."""
+        return {"max_new_tokens": self.override_max_new_tokens or decoding.max_new_tokens,
+                "n": self.override_max_n or decoding.n,
+                "logprobs": decoding.logprobs if self.override_max_logprobs is None else self.override_max_logprobs}
 
 
 class DecodingConfig(Section):

@@ -36,6 +36,9 @@ class EndpointConfig(Section):
     def _url(cls, v):
         if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1].strip("/")) == 0:
             raise ValueError(f"{v!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("holds credentials (user:password@): put the key in the environment variable named by "
+                             "endpoint.api_key_env instead, so it is never printed or stored")
         return v
 
     _env_name = field_validator("api_key_env")(classmethod(lambda cls, v: env_var_name(v)))
@@ -60,7 +63,19 @@ class VLLMConfig(Section):
         "CPU build only: the cores its OpenMP threads are pinned to (VLLM_CPU_OMP_THREADS_BIND: `0-3`, `auto`, "
         "...); null: the first `threads` cores the replica may run on. Two vllm replicas on one node need "
         "disjoint ranges"))
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="any other vllm.LLM argument, passed as is")
+    trust_remote_code: bool = Field(False, description=(
+        "run the Python code that ships with the model's repository (vLLM's trust_remote_code): only for models "
+        "whose code you trust; off, such a model fails to load and says so"))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "any other vllm.LLM argument, passed as is (trust_remote_code only through its own field)"))
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_code_execution(cls, v):
+        if "trust_remote_code" in v:
+            raise ValueError("trust_remote_code is not taken from engine_args: set teachers[].vllm.trust_remote_code "
+                             "(it runs the model repository's own code)")
+        return v
 
 
 class TeacherConfig(Section):

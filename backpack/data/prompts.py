@@ -29,13 +29,20 @@ class Rejected:
     reason: str
 
 
-def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, max_chars: int) -> Query:
+def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, max_chars: int,
+                 caps: Optional[dict[str, int]] = None) -> Query:
     """One decoded record -> Query, or raise ValueError with a message naming the problem."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     unknown = set(rec) - {"id", "task", "prompt", "messages", "teacher", "system", "decoding"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    try:  # JSON may spell a lone surrogate (\ud800) that no UTF-8 store, Arrow column or Redis stream takes
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: holds text that is not valid Unicode (a lone surrogate)") from None
+    except (RecursionError, ValueError):
+        raise ValueError(f"{where}: not a prompt record (nested too deeply, or not JSON-able)") from None
     if ("prompt" in rec) == ("messages" in rec):
         raise ValueError(f"{where}: needs exactly one of 'prompt' or 'messages'")
     if "prompt" in rec:
@@ -69,6 +76,10 @@ def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, m
             dec = DecodingConfig(**{**vars(decoding), **over}).params()
         except Exception as e:  # pydantic ValidationError -> one line
             raise ValueError(f"{where}: bad 'decoding': {str(e).splitlines()[1:3]}") from None
+        for name, cap in (caps or {}).items():
+            if name in over and getattr(dec, name) > cap:
+                raise ValueError(f"{where}: decoding.{name}={getattr(dec, name)} is over this run's limit of {cap} "
+                                 f"for a prompt's own decoding (prompts.override_max_{name.replace('max_', '')})")
     task = rec.get("task") or default_task
     teacher = rec.get("teacher")
     qid = str(rec["id"]) if rec.get("id") not in (None, "") else query_id(messages, task, dec, teacher)
@@ -91,6 +102,8 @@ def _jsonl_records(data: bytes, name: str) -> Iterator[tuple[str, Optional[dict]
             yield where, json.loads(text), None, text
         except json.JSONDecodeError as e:
             yield where, None, f"{where}: not valid JSON ({e.msg} at column {e.colno})", text
+        except RecursionError:
+            yield where, None, f"{where}: nested too deeply to be a prompt record", text[:2000]
 
 
 def _parquet_records(path: Path):
@@ -106,9 +119,11 @@ def _parquet_records(path: Path):
 
 
 def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str = "default",
-                 limit: Optional[int] = None, max_chars: int = 32_000) -> tuple[list[Query], list[Rejected]]:
+                 limit: Optional[int] = None, max_chars: int = 32_000,
+                 caps: Optional[dict[str, int]] = None) -> tuple[list[Query], list[Rejected]]:
     """Read a prompt collection. Returns (queries to send, rejected records). Raises InputError only when the
-    file as a whole is unusable (missing, unreadable, or holding no record at all)."""
+    file as a whole is unusable (missing, unreadable, or holding no record at all). `caps`: the most a record's
+    own decoding may set each field to (PromptsConfig.override_caps)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"prompt file not found: {str(path)!r}")
@@ -116,20 +131,21 @@ def read_prompts(path: str | Path, decoding: DecodingParams, default_task: str =
         records = _parquet_records(path)
     else:
         records = _jsonl_records(path.read_bytes(), path.name)
-    queries, rejected = _collect(records, decoding, default_task, limit, max_chars)
+    queries, rejected = _collect(records, decoding, default_task, limit, max_chars, caps)
     if not queries and not rejected:
         raise InputError(f"prompt file {str(path)!r} holds no prompts")
     return queries, rejected
 
 
 def read_prompt_lines(data: bytes, name: str, decoding: DecodingParams, default_task: str = "default",
-                      max_chars: int = 32_000) -> tuple[list[Query], list[Rejected]]:
+                      max_chars: int = 32_000, caps: Optional[dict[str, int]] = None
+                      ) -> tuple[list[Query], list[Rejected]]:
     """Prompt records from JSONL bytes (e.g. standard input); `name` is how messages refer to the source."""
-    return _collect(_jsonl_records(data, name), decoding, default_task, None, max_chars)
+    return _collect(_jsonl_records(data, name), decoding, default_task, None, max_chars, caps)
 
 
 def _collect(records, decoding: DecodingParams, default_task: str, limit: Optional[int],
-             max_chars: int) -> tuple[list[Query], list[Rejected]]:
+             max_chars: int, caps: Optional[dict[str, int]] = None) -> tuple[list[Query], list[Rejected]]:
     queries: list[Query] = []
     rejected: list[Rejected] = []
     seen: set[str] = set()
@@ -138,7 +154,7 @@ def _collect(records, decoding: DecodingParams, default_task: str, limit: Option
             break
         if error is None:
             try:
-                q = parse_record(rec, where, default_task, decoding, max_chars)
+                q = parse_record(rec, where, default_task, decoding, max_chars, caps)
                 if q.id in seen:
                     raise ValueError(f"{where}: duplicate id {q.id!r}")
                 seen.add(q.id)

@@ -19,13 +19,13 @@ import hashlib
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import pyarrow.fs as pafs
 
 from backpack.config.storage import is_remote, is_uri, join_uri, sibling
+from backpack.runtime.local_files import private_dirs, write_durably
 
 __all__ = ["RunFiles", "append_text", "is_remote", "is_uri", "join_uri", "local_folder", "resolve", "run_files",
            "sibling"]
@@ -35,7 +35,7 @@ def append_text(location: str | os.PathLike, text: str) -> None:
     """Append to the log file at `location` (a local path or a URI): see RunFiles.append_text."""
     fs, path = resolve(str(location))
     if isinstance(fs, pafs.LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(Path(path).parent)
         with open(path, "a") as f:
             f.write(text)
         return
@@ -127,19 +127,15 @@ class RunFiles:
     # ------------------------------------------------------------ writing
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file: to a temporary name, then moved into place (atomic on local disks; on object
-        stores one PUT is atomic already)."""
+        """Write a whole file: locally to a temporary name, flushed, moved into place and the folder flushed
+        (atomic and durable; new folders 0700); on object stores one PUT is atomic already."""
         target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+        if self.local:
+            write_durably(target, data)
             return
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(tmp) as f:
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(target) as f:
             f.write(data)
-        self.fs.move(tmp, target)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -151,7 +147,10 @@ class RunFiles:
 
     def upload(self, local_dir: str | os.PathLike, rel: str) -> None:
         """Copy the files of a local folder to `rel` (created; files there of the same name replaced)."""
-        self.fs.create_dir(self.path(rel), recursive=True)
+        if self.local:
+            private_dirs(self.path(rel))
+        else:
+            self.fs.create_dir(self.path(rel), recursive=True)
         for item in sorted(Path(local_dir).rglob("*")):
             if item.is_file():
                 self.write_bytes(f"{rel}/{item.relative_to(local_dir).as_posix()}", item.read_bytes())

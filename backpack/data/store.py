@@ -5,13 +5,17 @@ Layout under the dataset root (a local path or any `pyarrow.fs` URI):
     manifest.json                      versions, shard paths, row counts, per-teacher counts
     shards/part-000001-<uid>.parquet   one shard per version, schema `DATASET_SCHEMA`
 
-A write goes shard first (to a temporary name, then renamed), manifest last (temporary name, then renamed), so
-a crash at any point leaves the previous manifest intact and never points at a half-written shard. One writer
-per dataset at a time (the run's scheduler); any number of readers.
+A write goes shard first (to a temporary name, flushed, then renamed), manifest last (the same way), so a crash
+at any point leaves the previous manifest intact and never points at a half-written shard; locally the folder
+is flushed after each rename, so an acknowledged append survives a power loss. Writers of a local dataset take
+`manifest.lock` (an flock) around the read-modify-write of the manifest, so two of them (a driver's leftover
+actors and a new run's) both land their shards; any number of readers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import time
 import uuid
@@ -27,9 +31,11 @@ from backpack.core.types import OK
 from backpack.data.manifest import Manifest, ShardEntry
 from backpack.data.storage import resolve
 from backpack.errors import DatasetError
+from backpack.runtime.local_files import private_dirs, write_durably
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+LOCK = "manifest.lock"
 
 
 class DatasetStore:
@@ -43,8 +49,13 @@ class DatasetStore:
         if info.type == pafs.FileType.NotFound:
             if not create:
                 raise DatasetError(f"no dataset at {self.uri!r} (no {MANIFEST} there)")
-            self.fs.create_dir(self._p(SHARDS), recursive=True)
-            self._write_manifest(Manifest())
+            if self._local:
+                private_dirs(self._p(SHARDS))
+            else:
+                self.fs.create_dir(self._p(SHARDS), recursive=True)
+            with self._writer_lock():
+                if self.fs.get_file_info(self._p(MANIFEST)).type == pafs.FileType.NotFound:
+                    self._write_manifest(Manifest())
 
     def _p(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -69,20 +80,26 @@ class DatasetStore:
         return self.manifest().version
 
     def _write_durably(self, rel: str, data: bytes) -> None:
-        """Write `data` to a temporary file, flush it to disk, then rename it to `rel` (atomic locally)."""
-        tmp = self._p(f"{rel}.tmp-{uuid.uuid4().hex[:8]}")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self._fsync(tmp)
-        self.fs.move(tmp, self._p(rel))
-
-    def _fsync(self, path: str) -> None:
+        """Write `data` to `rel` whole: locally see write_durably; on an object store one PUT is atomic."""
         if self._local:
-            fd = os.open(path, os.O_RDONLY)
+            write_durably(self._p(rel), data)
+            return
+        with self.fs.open_output_stream(self._p(rel)) as f:
+            f.write(data)
+
+    @contextlib.contextmanager
+    def _writer_lock(self):
+        """Held around a manifest update. Local datasets only: an object store has no lock (one run, one writer:
+        the run lock)."""
+        if not self._local:
+            yield
+            return
+        with open(self._p(LOCK), "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                os.fsync(fd)
+                yield
             finally:
-                os.close(fd)
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _write_manifest(self, manifest: Manifest) -> None:
         self._write_durably(MANIFEST, manifest.to_json().encode("utf-8"))
@@ -94,17 +111,17 @@ class DatasetStore:
         table = check_dataset_table(table)
         if table.num_rows == 0:
             return None
-        manifest = self.manifest()
-        version = manifest.version + 1
-        rel = f"{SHARDS}/part-{version:06d}-{uuid.uuid4().hex[:8]}.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self._write_durably(rel, sink.getvalue().to_pybytes())
         status = table.column("status").to_pylist()
         teachers = Counter(table.column("teacher").to_pylist())
-        entry = manifest.add(rel, rows=table.num_rows, ok=status.count(OK), failed=len(status) - status.count(OK),
-                             teachers=dict(teachers))
-        self._write_manifest(manifest)
+        with self._writer_lock():  # the manifest read here is the one this append extends
+            manifest = self.manifest()
+            rel = f"{SHARDS}/part-{manifest.version + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
+            self._write_durably(rel, sink.getvalue().to_pybytes())
+            entry = manifest.add(rel, rows=table.num_rows, ok=status.count(OK),
+                                 failed=len(status) - status.count(OK), teachers=dict(teachers))
+            self._write_manifest(manifest)
         return entry
 
     # ------------------------------------------------------------ reading

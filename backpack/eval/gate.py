@@ -140,7 +140,8 @@ class Gate:
 
         t0 = time.perf_counter()
         self.registry.get(version)  # KeyError naming the version if it does not exist
-        live_version = self.registry.live() or 0
+        live_now = self.registry.live()
+        live_version = live_now or 0
         if version == live_version:
             raise ValueError(f"version {version} is already live: the gate judges new versions against it")
         record = {"version": version, "live_version": live_version, "metric": self.cc.promote_metric,
@@ -161,9 +162,11 @@ class Gate:
                 decision = Decision(False, decision.reason + " (kl needs the teacher's top-k logprobs on every gate "
                                                              "row: generate with decoding.logprobs >= training.top_k)")
             record.update(candidate=_finite_or_none(candidate), live=_finite_or_none(live))
+        if decision.promote and not self.registry.promote(version, by="gate", reason=decision.reason,
+                                                          if_live=live_now):
+            decision = Decision(False, f"the live version changed while the gate scored (it was {live_version}, "
+                                       f"now {self.registry.live()}: a promote or rollback): not promoted")
         record.update(rows=len(rows), decision="promoted" if decision.promote else "kept", reason=decision.reason)
-        if decision.promote:
-            self.registry.promote(version, by="gate", reason=decision.reason)
         record["seconds"] = round(time.perf_counter() - t0, 3)
         self.registry.set_gate(version, record)  # after promote: a "promoted" record is always true
         return record

@@ -41,8 +41,9 @@ from backpack.run.pool import kill_actor
 from backpack.run.supervisor import (Ended, Fail, Observation, RespawnTeacher, RestartScheduler, RestartServer,
                                      RestartTrainer, RunState, ServedVersion, Stop, Supervisor)
 from backpack.runtime.progress import Reporter
-from backpack.runtime.redis_server import RunKeys, connect
+from backpack.runtime.redis_server import RunKeys, connect, with_retries
 from backpack.runtime.session import RunSession
+from backpack.scheduling.intake import Intake, IntakeSource, answered_prompts
 from backpack.student.checkpoints import checkpoint_states, latest_checkpoint
 
 WATCH_S = 1.0              # how often the driver looks at its parts
@@ -148,6 +149,9 @@ class ContinualRun:
         self.store = DatasetStore(str(cfg.dataset_dir))
         self.registry = Registry(self.url, cfg.name, self.files)
         self.known_versions = {m["version"] for m in self.registry.versions()}
+        # prompts answered before (a batch generate of this run): pushing one again is a duplicate, pushing
+        # another prompt under one of their ids is refused at the push
+        Intake(self.url, cfg.name).claim_answered(self._answered_prompts())
         self._seed_prompts()
         self._start_server()  # first: a port already in use is a clear error before anything slow starts
         self.gen.start_teachers()
@@ -164,16 +168,21 @@ class ContinualRun:
         if self.on_ready:
             self.on_ready(ready)
 
+    def _answered_prompts(self) -> dict[str, str]:
+        from backpack.core.schema import QUERY_FIELDS
+
+        return answered_prompts(self.store.read(columns=[f.name for f in QUERY_FIELDS] + ["status"]))
+
     def _seed_prompts(self) -> None:
         """The config's prompt collection, if any, is pushed to the intake first (once: duplicates are skipped,
         so a restart pushes nothing new)."""
         from backpack.data.prompts import read_prompts
-        from backpack.scheduling.intake import Intake
 
         p = self.cfg.prompts
         if not p or not p.path:
             return
-        queries, rejected = read_prompts(p.path, self.cfg.decoding.params(), p.default_task, p.limit, p.max_chars)
+        queries, rejected = read_prompts(p.path, self.cfg.decoding.params(), p.default_task, p.limit, p.max_chars,
+                                         p.override_caps(self.cfg.decoding))
         accepted, duplicates = Intake(self.url, self.cfg.name).push_many(queries)
         self.rep.stage(f"prompts from {p.path}: {accepted} pushed to the intake, {duplicates} already pushed"
                        + (f", {len(rejected)} rejected (bad records)" if rejected else ""))
@@ -181,12 +190,10 @@ class ContinualRun:
     # ------------------------------------------------------------------ the parts
 
     def _start_scheduler(self) -> None:
-        from backpack.core.types import OK
         from backpack.runtime.progress import RedisProgress
-        from backpack.scheduling.intake import IntakeSource
 
         status = self.store.query_status()
-        answered = {q for q, st in status.items() if st == OK}
+        answered = self._answered_prompts()
         self.scheduler = self.gen.spawn_scheduler(self.store, RedisProgress(self.url, self.cfg.name))
         # The same consumer name after a restart: the new scheduler first reads what the dead one had not stored.
         source = IntakeSource(self.url, self.cfg.name, answered, stored_ids=set(status))
@@ -247,7 +254,8 @@ class ContinualRun:
             server, version = "busy", None  # loading a version: alive
         except ray.exceptions.RayError:
             server, version = "dead", None
-        stop = self._stop.is_set() or self.redis.get(self.keys.stop) == "1"
+        stop = self._stop.is_set() or with_retries(lambda: self.redis.get(self.keys.stop), "reading the stop flag",
+                                                   self.url) == "1"
         return Observation(stop, dead, scheduler, trainer, server, version)
 
     def _apply(self, decision) -> None:
@@ -278,7 +286,8 @@ class ContinualRun:
                 except BackpackError as e:  # e.g. its port not free yet: tried again on the next round
                     self.rep.stage(f"the student server could not start again ({e}); trying again shortly")
             case ServedVersion(version):
-                self.redis.hset(self.keys.server, "version", version)
+                with_retries(lambda: self.redis.hset(self.keys.server, "version", version),
+                             "recording the served version", self.url)
             case Fail(message):
                 raise BackpackError(message)
 

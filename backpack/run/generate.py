@@ -52,7 +52,8 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None) -> GenerateRes
     t0 = time.perf_counter()
     with RunSession(cfg, rep) as session:
         queries, rejected = read_prompts(cfg.prompts.path, cfg.decoding.params(), cfg.prompts.default_task,
-                                         cfg.prompts.limit, cfg.prompts.max_chars)
+                                         cfg.prompts.limit, cfg.prompts.max_chars,
+                                         cfg.prompts.override_caps(cfg.decoding))
         store = DatasetStore(str(cfg.dataset_dir))
         stored = store.query_status()  # resume: skip what is answered; record a bad record once
         todo = [q for q in queries if stored.get(q.id) != OK]

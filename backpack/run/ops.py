@@ -69,7 +69,8 @@ def parse_lines(data: bytes, name: str, cfg: RunConfig) -> tuple[list[tuple[int,
                 text = json.dumps({"prompt": text.decode("utf-8")}, ensure_ascii=False).encode("utf-8")
             except UnicodeDecodeError:
                 pass  # read_prompt_lines names the bad byte
-        got, bad = read_prompt_lines(text, name, decoding, cfg.prompts.default_task, cfg.prompts.max_chars)
+        got, bad = read_prompt_lines(text, name, decoding, cfg.prompts.default_task, cfg.prompts.max_chars,
+                                     cfg.prompts.override_caps(cfg.decoding))
         queries += [(lineno, q) for q in got]
         prefix = f"{name} line 1: "  # the record is line 1 of its own one-line input
         rejected += [(lineno, r.reason.removeprefix(prefix)) for r in bad]
@@ -90,7 +91,8 @@ def ingest(cfg: RunConfig, source: str) -> IngestResult:
         return result
     with attach_redis(cfg) as url:
         # (the URL attach_redis gives carries redis.password_env's password: nothing more to pass)
-        intake = Intake(url, cfg.name, cfg.decoding.params(), cfg.prompts.default_task, cfg.prompts.max_chars)
+        intake = Intake(url, cfg.name, cfg.decoding.params(), cfg.prompts.default_task, cfg.prompts.max_chars,
+                        caps=cfg.prompts.override_caps(cfg.decoding))
         for lineno, q in queries:
             try:
                 pushed = intake.push_query(q)

@@ -8,6 +8,8 @@ resumes from the run's latest checkpoint.
 
 from __future__ import annotations
 
+import json
+import threading
 from typing import Optional
 
 from backpack.config import RunConfig
@@ -20,6 +22,44 @@ from backpack.runtime.progress import Reporter
 from backpack.runtime.session import RunSession
 from backpack.student.checkpoints import latest_checkpoint
 from backpack.student.preflight import preflight
+
+
+class TrainingProgress:
+    """A line on the reporter every `every` seconds while Ray Train runs (step, loss, throughput), read from the
+    trainer's metrics file: a terminal, `make demo` and a Ray Job's log all see training move. Steps logged by
+    an earlier run of the same name (a resume) are not reported again."""
+
+    def __init__(self, files, rel: str, max_steps: int, rep: Reporter, every: float = 10.0):
+        self.files, self.rel, self.max_steps, self.rep, self.every = files, rel, max_steps, rep, every
+        self.last_step = self._latest().get("step", 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="training-progress", daemon=True)
+
+    def _latest(self) -> dict:
+        try:
+            lines = (self.files.read_text(self.rel) or "").strip().splitlines()
+            return json.loads(lines[-1]) if lines else {}
+        except (OSError, ValueError):  # a line being written, or storage unreachable for a moment
+            return {}
+
+    def report(self) -> None:
+        m = self._latest()
+        if m.get("step", 0) > self.last_step:
+            self.last_step = m["step"]
+            self.rep.stage(f"training: step {m['step']}/{self.max_steps}, loss {m.get('loss', float('nan')):.3f}, "
+                           f"{m.get('tokens_per_s', 0.0):.0f} tok/s")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.report()
+
+    def __enter__(self) -> "TrainingProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
@@ -48,9 +88,11 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
                   + (f", resuming from step {resume[1]}" if resume else "") + ")")
         try:
-            res = run_training(ds, cfg.student, tc, files.sub("train"), cfg.name,
-                               resume_from=resume[0] if resume else None, dataset_version=store.version,
-                               metrics_file=files.uri("train/metrics.jsonl"), same_tokenizer=same, registry=registry)
+            with TrainingProgress(files, "train/metrics.jsonl", tc.max_steps, rep):
+                res = run_training(ds, cfg.student, tc, files.sub("train"), cfg.name,
+                                   resume_from=resume[0] if resume else None, dataset_version=store.version,
+                                   metrics_file=files.uri("train/metrics.jsonl"), same_tokenizer=same,
+                                   registry=registry)
         except ray.train.TrainingFailedError as e:
             raise BackpackError(f"training failed after {tc.max_failures} restart(s): {cause_of(e)}; "
                                 "rerun the same command to resume from the last checkpoint") from None

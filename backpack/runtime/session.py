@@ -17,6 +17,7 @@ from typing import Callable, Optional
 from backpack.config import RunConfig
 from backpack.errors import BackpackError, InputError
 from backpack.runtime import ray_runtime
+from backpack.runtime.local_files import private_dirs
 from backpack.runtime.progress import Reporter
 from backpack.runtime.redis_server import EmbeddedRedis, connect, with_password
 
@@ -25,8 +26,14 @@ ENDPOINT_FILE = "endpoint.json"  # in <run_dir>/redis/: where a live run's embed
 
 @contextlib.contextmanager
 def run_lock(cfg: RunConfig):
-    """Hold `<run_dir>/.lock` for the run: two runs of one name would write one dataset and one Redis AOF."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    """Hold `<run_dir>/.lock` for the run: two runs of one name would write one dataset and one Redis AOF. The
+    lock is an flock, gone with the process that held it: the file left behind after Ctrl-C or a crash is
+    harmless (removing it would let a second run lock a new file while the first still holds the old)."""
+    try:
+        private_dirs(cfg.run_dir)
+    except OSError as e:
+        raise InputError(f"storage.path: cannot create the run's folder {str(cfg.run_dir)!r}: "
+                         f"{e.strerror or e}") from None
     path = cfg.run_dir / ".lock"
     with open(path, "a+") as f:
         try:

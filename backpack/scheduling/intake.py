@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from backpack.core.schema import queries_to_table
+from backpack.core.schema import queries_to_table, table_to_queries
 from backpack.core.types import DecodingParams, Query, query_id
 from backpack.data.prompts import Rejected, parse_record
 from backpack.errors import InputError
@@ -64,6 +65,12 @@ def decode_query(raw: str) -> Query:
                  teacher=d.get("teacher"))
 
 
+def answered_prompts(table: pa.Table) -> dict[str, str]:
+    """Query id -> content hash of each prompt with a successful row in `table` (DATASET_SCHEMA rows)."""
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    return {q.id: content_hash(q) for q in table_to_queries(ok)}
+
+
 @dataclass
 class PushResult:
     query_id: str        # the id the answer will be stored under (the first one's, for a duplicate)
@@ -78,11 +85,15 @@ class Intake(RunRedis):
     """
 
     def __init__(self, redis_url: str, run: str, decoding: Optional[DecodingParams] = None,
-                 default_task: str = "default", max_chars: int = 32_000, password_env: Optional[str] = None):
+                 default_task: str = "default", max_chars: int = 32_000, password_env: Optional[str] = None,
+                 caps: Optional[dict[str, int]] = None):
         super().__init__(redis_url, run, password_env)
         self.decoding = decoding or DecodingParams()
         self.default_task = default_task
         self.max_chars = max_chars
+        # the most a pushed prompt's own decoding may ask for (default: the intake's decoding itself)
+        self.caps = caps if caps is not None else {"max_new_tokens": self.decoding.max_new_tokens,
+                                                   "n": self.decoding.n, "logprobs": self.decoding.logprobs}
         self._script = None
 
     def push(self, prompt: Optional[str] = None, *, messages: Optional[list[dict]] = None, task: Optional[str] = None,
@@ -92,7 +103,7 @@ class Intake(RunRedis):
         rec = {k: v for k, v in {"prompt": prompt, "messages": messages, "task": task, "id": id,
                                  "teacher": teacher, "decoding": decoding}.items() if v is not None}
         try:
-            q = parse_record(rec, "prompt", self.default_task, self.decoding, self.max_chars)
+            q = parse_record(rec, "prompt", self.default_task, self.decoding, self.max_chars, self.caps)
         except ValueError as e:
             raise InputError(str(e)) from None
         return self.push_query(q)
@@ -105,8 +116,22 @@ class Intake(RunRedis):
         code, value = self._script(keys=[k("intake", "dedup"), k("intake"), k("intake", "ids"), k("intake", "stats")],
                                    args=[content_hash(q), q.id, encode_query(q), f"{time.time():.6f}"])
         if int(code) < 0:
-            raise InputError(f"prompt id {q.id!r} was already used for another prompt: choose a new id")
+            raise InputError(f"prompt id {q.id!r} was already used for another prompt in run {self.run!r}: choose "
+                             "a new id")
         return PushResult(q.id if int(code) == 1 else value, accepted=int(code) == 1)
+
+    def claim_answered(self, prompts: dict[str, str]) -> None:
+        """Record the run's already answered prompts (query id -> content hash, see answered_prompts), e.g. by
+        a batch `generate`: a push of the same prompt is then a duplicate of the stored answer, and a push of
+        another prompt under one of those ids is refused at once (not accepted, then dropped)."""
+        ids, dedup = self.keys("intake", "ids"), self.keys("intake", "dedup")
+        items = list(prompts.items())
+        for i in range(0, len(items), 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for qid, h in items[i:i + 1000]:
+                pipe.hsetnx(ids, qid, h)
+                pipe.hsetnx(dedup, h, qid)
+            pipe.execute()
 
     def push_many(self, queries: list[Query]) -> tuple[int, int]:
         """Queue validated Queries; returns (accepted, duplicates). An id reused for another prompt raises."""
@@ -148,11 +173,14 @@ class IntakeSource(RunRedis):
     and acknowledging) is acknowledged without being answered again.
     """
 
-    def __init__(self, redis_url: str, run: str, answered: set[str], consumer: str = "scheduler",
+    def __init__(self, redis_url: str, run: str, answered: set[str] | dict[str, str], consumer: str = "scheduler",
                  password_env: Optional[str] = None, stored_ids: Optional[set[str]] = None):
         super().__init__(redis_url, run, password_env)
         self.consumer = consumer
         self.answered = set(answered)       # query ids with a stored successful Completion
+        # Their content hashes where known (answered_prompts): a new entry under an answered id but with other
+        # content is another prompt, and fails with a reason instead of being taken for the answered one.
+        self.answered_hashes = dict(answered) if isinstance(answered, dict) else {}
         # Query ids with any stored row when this source was made: an entry re-delivered from this consumer's
         # own backlog (read before a crash) whose row is among them was stored, only its ack was lost. (A new
         # entry for a failed id is a re-push, and is answered again.)
@@ -190,7 +218,7 @@ class IntakeSource(RunRedis):
             resp = self.client.xreadgroup(GROUP, self.consumer, {self.keys("intake"): ">"}, count=count,
                                           block=block_ms or None)
             entries = resp[0][1] if resp else []
-        queries, rejected, done = [], [], []
+        queries, rejected, done, forget = [], [], [], []
         for sid, fields in entries:
             if not fields:  # an entry deleted after delivery: nothing left to answer
                 done.append(sid)
@@ -207,15 +235,26 @@ class IntakeSource(RunRedis):
                                               f"{type(e).__name__}: {e}"))
                 self._entries[bad.id] = [sid]
                 continue
+            if q.id in self.answered and self.answered_hashes.get(q.id, content_hash(q)) != content_hash(q):
+                bad = Query(messages=q.messages, task=q.task, decoding=q.decoding, id=f"rejected:intake:{sid}")
+                if not (replay and bad.id in self.stored_ids):
+                    rejected.append(Rejected(bad, f"prompt id {q.id!r} already names another, answered prompt in "
+                                                  "this run's dataset: push it under a new id"))
+                    self._entries[bad.id] = [sid]
+                else:
+                    done.append(sid)
+                continue
             if q.id in self.answered or (replay and q.id in self.stored_ids):
                 done.append(sid)  # answered (or failed) before a crash lost the acknowledgement
+                if q.id not in self.answered:  # failed: as stored() would have, let a re-push retry it
+                    forget.append(content_hash(q))
                 continue
             if q.id not in self._entries:
                 queries.append(q)
                 self._hashes[q.id] = content_hash(q)
             self._entries.setdefault(q.id, []).append(sid)
         if done:
-            self._ack(done)
+            self._ack(done, forget)
         return queries, rejected
 
     def stored(self, table: pa.Table) -> None:
@@ -242,8 +281,10 @@ class IntakeSource(RunRedis):
             pipe.xdel(self.keys("intake"), *sids)
         pipe.execute()
 
-    def _ack(self, sids: list[str]) -> None:
+    def _ack(self, sids: list[str], forget: tuple[str, ...] | list[str] = ()) -> None:
         pipe = self.client.pipeline(transaction=True)
+        if forget:
+            pipe.hdel(self.keys("intake", "dedup"), *forget)
         pipe.xack(self.keys("intake"), GROUP, *sids)
         pipe.xdel(self.keys("intake"), *sids)
         pipe.execute()

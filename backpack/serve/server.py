@@ -88,6 +88,9 @@ def _field(body: dict, name: str, kind, ok, rule: str, default=None):
     return value
 
 
+MAX_BODY = 1 << 20  # bytes of one request body (aiohttp's default, named so the 413 can say it)
+
+
 def _error(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
                              status=status)
@@ -125,7 +128,7 @@ class StudentServer:
             # The stream position first: a promotion landing while the live version loads is then still seen.
             after, live = await asyncio.to_thread(self._stream_position)
         self._served = await asyncio.to_thread(self._load, live or 0)
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY)
         app.add_routes([web.post("/v1/chat/completions", self._chat), web.get("/v1/models", self._models),
                         web.get("/health", self._health)])
         # On stop, requests in flight get a few seconds to finish before their connections are closed.
@@ -271,10 +274,15 @@ class StudentServer:
                 body = await request.json()
             except ValueError as e:  # bad JSON or bad UTF-8
                 raise _BadRequest(None, f"the request body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise _BadRequest(None, "the request body is nested too deeply to be a chat request") from None
             messages, decoding, opts = self._parse(body)
         except _BadRequest as e:
             self.stats["rejected"] += 1
             return _error(400, e.message, e.param)
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer is plain text: every error here is JSON
+            self.stats["rejected"] += 1
+            return _error(413, f"the request body is over the server's limit of {MAX_BODY} bytes")
         recalled = None
         if self.recall is not None:
             got = await asyncio.to_thread(self.recall.recall, opts["task"], prompt_text(messages))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -56,7 +57,8 @@ def load(directory: str | os.PathLike, model, optimizer=None, scheduler=None) ->
     d = Path(directory)
     load_weights(d, model)
     if optimizer is not None and (d / OPTIMIZER).exists():
-        opt = torch.load(d / OPTIMIZER, weights_only=False)
+        # weights_only: tensors and plain containers only, so a writer of the run's storage cannot run code here
+        opt = torch.load(d / OPTIMIZER, weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
         if scheduler is not None and opt["scheduler"] is not None:
             scheduler.load_state_dict(opt["scheduler"])
@@ -70,13 +72,38 @@ def checkpoint_states(files) -> list[str]:
             if len(s.split("/")) == 4 and s.split("/")[2].startswith("checkpoint_")]
 
 
+def complete(files, directory: str) -> Optional[int]:
+    """The step of the checkpoint in `directory` (relative to RunFiles `files`) if it is whole: its state
+    parses with a step, and its weights file is there with a safetensors header that fits in it. None if not
+    (a checkpoint a crash cut short)."""
+    try:
+        state = json.loads(files.read_text(f"{directory}/{STATE}") or "")
+        step = int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    path = files.path(f"{directory}/{WEIGHTS}")
+    try:
+        size = files.fs.get_file_info(path).size or 0
+        with files.fs.open_input_stream(path) as f:
+            header = f.read(8)
+    except (FileNotFoundError, OSError):
+        return None
+    if len(header) < 8 or 8 + int.from_bytes(header, "little") > size:
+        return None
+    return step
+
+
 def latest_checkpoint(files) -> Optional[tuple[str, int]]:
-    """(location, step) of the newest Ray Train checkpoint of a run (its RunFiles), if any: a local folder, or
-    a URI when the run's storage is an object store."""
+    """(location, step) of the newest complete Ray Train checkpoint of a run (its RunFiles), if any: a local
+    folder, or a URI when the run's storage is an object store. Incomplete ones are skipped with a warning."""
     best = None
     for state in checkpoint_states(files):
-        step = json.loads(files.read_text(state) or "{}").get("step", 0)
+        directory = state.rsplit("/", 1)[0]
+        step = complete(files, directory)
+        if step is None:
+            warnings.warn(f"skipping the incomplete checkpoint {files.uri(directory)} (its state or weights are "
+                          "missing or cut short): resuming from an earlier one", stacklevel=2)
+            continue
         if best is None or step > best[1]:
-            best = (files.uri(state.rsplit("/", 1)[0]), step)
+            best = (files.uri(directory), step)
     return best
-

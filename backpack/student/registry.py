@@ -18,6 +18,29 @@ from backpack.data.storage import RunFiles, local_folder
 from backpack.runtime.redis_server import RunRedis
 from backpack.student import checkpoints
 
+# The next version number: past the counter and past every version folder in storage (the counter alone is
+# gone with a lost Redis, and a reused number would overwrite weights that remote caches keep serving).
+_NEXT = """
+local n = redis.call('INCR', KEYS[1])
+local floor = tonumber(ARGV[1])
+if n <= floor then
+  n = floor + 1
+  redis.call('SET', KEYS[1], n)
+end
+return n
+"""
+
+
+# Compare-and-set of the live version (ARGV[2]: the expected live version, "" for none, "*" for any).
+_PROMOTE = """
+if ARGV[2] ~= '*' and (redis.call('GET', KEYS[1]) or '') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'type', 'promoted', 'version', ARGV[1], 'by', ARGV[3], 'reason', ARGV[4])
+return 1
+"""
+ANY = object()  # Registry.promote(if_live=ANY): whatever is live
+
 
 class Registry(RunRedis):
     """Picklable (it connects lazily), so a Ray Train worker can publish versions as checkpoints are made."""
@@ -29,9 +52,10 @@ class Registry(RunRedis):
     def publish(self, checkpoint_dir: str | Path, state: dict, base_fingerprint: str = "",
                 tokenizer_fingerprint: str = "") -> int:
         """Copy a checkpoint's weights in as a new version; record it in Redis; emit an event. The version is
-        visible (Redis) only after its files are written; a number is never reused, so a publish that died half
-        way leaves an unlisted folder, never a listed half version."""
-        version = int(self.client.incr(self.keys("students", "next")))
+        visible (Redis) only after its files are written; a number is never reused (not even after the Redis
+        state is lost: numbering goes on past the folders in storage), so a publish that died half way leaves an
+        unlisted folder, never a listed half version, and no version's files are ever overwritten."""
+        version = self._next_version()
         target = f"v{version}"
         for name in (checkpoints.WEIGHTS, checkpoints.STATE):
             self.files.write_bytes(f"{target}/{name}", (Path(checkpoint_dir) / name).read_bytes())
@@ -44,6 +68,18 @@ class Registry(RunRedis):
         self.client.hset(self.keys("students", f"v{version}"), mapping={"meta": json.dumps(meta)})
         self.client.xadd(self.keys("events"), {"type": "student_version", "version": version,
                                                "step": str(state.get("step"))})
+        return version
+
+    def stored_versions(self) -> list[int]:
+        """The version numbers that have a folder in storage (listed in Redis or not)."""
+        names = {rel.split("/", 1)[0] for rel in self.files.glob("", "")}
+        return sorted(int(n[1:]) for n in names if n[:1] == "v" and n[1:].isdigit())
+
+    def _next_version(self) -> int:
+        floor = max(self.stored_versions(), default=0)
+        version = int(self.client.eval(_NEXT, 1, self.keys("students", "next"), floor))
+        while self.files.exists(f"v{version}"):  # a folder made since the listing: never write into it
+            version = int(self.client.eval(_NEXT, 1, self.keys("students", "next"), version))
         return version
 
     def get(self, version: int) -> dict:
@@ -74,16 +110,18 @@ class Registry(RunRedis):
         raw = self.client.get(self.keys("students", "live"))
         return int(raw) if raw is not None else None
 
-    def promote(self, version: int, by: str = "user", reason: str = "") -> None:
+    def promote(self, version: int, by: str = "user", reason: str = "", if_live: object = ANY) -> bool:
         """Make `version` the live one (0 = the untrained base): record it, keep the history for rollback, and
-        emit a `promoted` event that servers follow."""
+        emit a `promoted` event that servers follow. With `if_live` (a version, or None: none live yet) only if
+        the live version is still that one, in one atomic step: the gate's decision, made while it scored, never
+        overrides a promote or rollback made meanwhile. Returns whether it promoted."""
         if version != 0:
             self.get(version)  # KeyError naming the version if it does not exist
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys("students", "live"), version)
-        pipe.rpush(self.keys("students", "live_history"), version)
-        pipe.xadd(self.keys("events"), {"type": "promoted", "version": version, "by": by, "reason": reason[:500]})
-        pipe.execute()
+        expected = "*" if if_live is ANY else ("" if if_live is None else str(int(if_live)))
+        k = self.keys
+        done = self.client.eval(_PROMOTE, 3, k("students", "live"), k("students", "live_history"), k("events"),
+                                version, expected, by, reason[:500])
+        return bool(int(done))
 
     def rollback(self, by: str = "user") -> int:
         """Serve the version that was live before the current one; returns it. ValueError if there is none."""

@@ -186,13 +186,16 @@ class WorkerSession:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
+            state = {**metrics, "student": config["student"], **checkpoint_state}
             if self.rank == 0:
-                state = {**metrics, "student": config["student"], **checkpoint_state}
                 checkpoints.save(d, self.model, state, self.opt, self.sched)
-                if publish and config.get("registry") is not None:  # a checkpoint becomes a student version
-                    config["registry"].publish(d, state, self.student.base.fingerprint,
-                                               self.student.tokenizer_fingerprint)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if self.rank == 0 else None)
+            # Published only once Ray Train holds the checkpoint: a crash before this point resumes from the
+            # previous checkpoint and publishes the redone steps once; a crash after it loses at most this one
+            # version, never numbers a step twice.
+            if self.rank == 0 and publish and config.get("registry") is not None:
+                config["registry"].publish(d, state, self.student.base.fingerprint,
+                                           self.student.tokenizer_fingerprint)
 
 
 def train_loop_per_worker(config: dict) -> None:

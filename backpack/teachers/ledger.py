@@ -30,6 +30,17 @@ from backpack.teachers.base import TeacherBase
 
 PREFIX = "backpack:ledger"
 
+# Each compare-and-act in one step (a get-then-act lets a lease expire and change hands in between).
+# KEYS[1] the claim; ARGV[1] the owner, ARGV[2] the lease in seconds.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 def ledger_key(fingerprint: str, q: Query) -> Optional[str]:
     """The ledger key of Query `q` at the teacher with model `fingerprint`; None when the answer must not be
@@ -74,12 +85,18 @@ class QueryLedger:
     # ------------------------------------------------------------ answers
 
     def lookup(self, keys: list[str]) -> list[Optional[list[Completion]]]:
-        """The stored Completions per key (None where nothing is stored)."""
+        """The stored Completions per key (None where nothing is stored). A value that does not read as
+        Completions (corrupt, or from another version) is a miss: the prompt is answered again and the value
+        replaced, rather than failing that prompt in every run that shares the Redis."""
         if not keys:
             return []
         out = []
         for raw in self.client.mget([f"{k}:done" for k in keys]):
-            out.append(None if raw is None else [Completion(**c) for c in json.loads(raw)])
+            try:
+                got = None if raw is None else [Completion(**c) for c in json.loads(raw)]
+            except (ValueError, TypeError, AttributeError):
+                got = None
+            out.append(got or None)
         return out
 
     def store(self, key: str, completions: list[Completion]) -> None:
@@ -93,20 +110,19 @@ class QueryLedger:
     # ------------------------------------------------------------ claims
 
     def claim(self, key: str, owner: str) -> bool:
-        """Take the right to answer `key` for `lease_s` (renew it while working); False if someone has it."""
+        """Take the right to answer `key` for `lease_s` (renew it while working); False if someone has it. The
+        answer may have been stored between a lookup and the claim: look again once it is won."""
         return bool(self.client.set(f"{key}:claim", owner, nx=True, ex=max(1, int(self.lease_s))))
 
     def renew(self, keys: list[str], owner: str) -> None:
         """Extend the leases of `keys` that `owner` still holds."""
         for k in keys:
-            if self.client.get(f"{k}:claim") == owner:
-                self.client.expire(f"{k}:claim", max(1, int(self.lease_s)))
+            self.client.eval(_RENEW, 1, f"{k}:claim", owner, max(1, int(self.lease_s)))
 
     def release(self, keys: list[str], owner: str) -> None:
         """Give up claims (the answer failed): the next asker answers."""
         for k in keys:
-            if self.client.get(f"{k}:claim") == owner:
-                self.client.delete(f"{k}:claim")
+            self.client.eval(_RELEASE, 1, f"{k}:claim", owner)
 
 
 class LedgerTeacher(TeacherBase):
@@ -114,8 +130,11 @@ class LedgerTeacher(TeacherBase):
     rest are generated (holding claims, renewed in the background) and recorded. Counts what it saved."""
 
     def __init__(self, teacher, ledger: QueryLedger, wait_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_wait_s: Optional[float] = None):
         self.teacher, self.ledger, self.wait_s, self.clock = teacher, ledger, wait_s, clock
+        # How long a Query waits for another replica's answer before it is answered here too (paying twice
+        # beats waiting forever on an owner that renews its lease but never answers)
+        self.max_wait_s = max_wait_s if max_wait_s is not None else 5 * ledger.lease_s
         self.name = teacher.name
         self.owner = f"{getattr(teacher, 'replica', teacher.name)}:{uuid.uuid4().hex[:8]}"
         self.stats = {"ledger_hits": 0, "ledger_waits": 0, "tokens_saved": 0}
@@ -133,13 +152,23 @@ class LedgerTeacher(TeacherBase):
         keys = {q.id: ledger_key(fingerprint, q) for q in qs}
         answers: dict[str, list[Completion]] = {}
         pending = list(qs)
+        deadline = self.clock() + self.max_wait_s
         while pending:
             known = [q for q in pending if keys[q.id]]
             for q, found in zip(known, self.ledger.lookup([keys[q.id] for q in known])):
                 if found is not None:
                     answers[q.id] = [self._reused(c, q) for c in found]
             pending = [q for q in pending if q.id not in answers]
-            mine = [q for q in pending if keys[q.id] is None or self.ledger.claim(keys[q.id], self.owner)]
+            late = self.clock() >= deadline  # waited long enough: answer the rest here, claimed or not
+            mine = [q for q in pending
+                    if late or keys[q.id] is None or self.ledger.claim(keys[q.id], self.owner)]
+            # a claim won just after its owner stored the answer and let the claim go: the answer is there
+            won = [q for q in mine if keys[q.id]]
+            for q, found in zip(won, self.ledger.lookup([keys[q.id] for q in won])):
+                if found is not None:
+                    answers[q.id] = [self._reused(c, q) for c in found]
+                    self.ledger.release([keys[q.id]], self.owner)
+            mine = [q for q in mine if q.id not in answers]
             if mine:
                 answers.update(self._generate(mine, keys))
             pending = [q for q in pending if q.id not in answers]
@@ -159,7 +188,10 @@ class LedgerTeacher(TeacherBase):
 
         def renew():  # keep the claims alive while a long batch is generated
             while not stop.wait(self.ledger.lease_s / 3):
-                self.ledger.renew(claimed, self.owner)
+                try:
+                    self.ledger.renew(claimed, self.owner)
+                except Exception:  # noqa: BLE001 - a Redis hiccup: the next renewal tries again, well in time
+                    continue
 
         renewer = threading.Thread(target=renew, daemon=True)
         renewer.start()

@@ -26,6 +26,7 @@ from backpack.config import TeacherConfig
 from backpack.core.chat import with_context
 from backpack.core.types import LENGTH, STOP, Completion, Query
 from backpack.errors import TeacherError
+from backpack.runtime.redis_server import redact
 from backpack.teachers.base import TeacherBase
 from backpack.teachers.ratelimit import RateLimiter, backoff_s
 
@@ -112,7 +113,7 @@ class OpenAITeacher(TeacherBase):
                 raise TeacherError(self.replica, f"the environment variable {ep.api_key_env} "
                                                  "(endpoint.api_key_env) holding the API key is not set")
             self.headers["Authorization"] = f"Bearer {key}"
-        self.fingerprint = f"openai:{ep.base_url.rstrip('/')}:{cfg.model}"
+        self.fingerprint = f"openai:{redact(ep.base_url.rstrip('/'))}:{cfg.model}"  # stored in every row
         self.limiter = RateLimiter(ep.requests_per_minute, ep.tokens_per_minute)
         self.session = requests.Session()
         self.pool = ThreadPoolExecutor(ep.concurrency, thread_name_prefix=f"{cfg.name}-http")
@@ -125,7 +126,7 @@ class OpenAITeacher(TeacherBase):
 
     def info(self) -> dict:
         return {"teacher": self.name, "replica": self.replica, "backend": "openai", "model": self.cfg.model,
-                "base_url": self.ep.base_url, "fingerprint": self.fingerprint, "device": "remote",
+                "base_url": redact(self.ep.base_url), "fingerprint": self.fingerprint, "device": "remote",
                 "concurrency": self.ep.concurrency, **self.stats, "rate_limited_s": round(self.limiter.waited_s, 3)}
 
     def answer(self, qs: list[Query]) -> list[Completion]:

@@ -49,6 +49,7 @@ def engine_kwargs(cfg: TeacherConfig, model_path: str, on_gpu: bool) -> dict:
     """vllm.LLM arguments for a teacher (pure): its dtype, the engine settings, engine_args last (they win)."""
     v = cfg.vllm
     kw = dict(model=model_path, dtype=cfg.dtype, max_logprobs=v.max_logprobs, seed=0,
+              trust_remote_code=v.trust_remote_code,
               enforce_eager=(not on_gpu) if v.enforce_eager is None else v.enforce_eager)
     if v.max_model_len:
         kw["max_model_len"] = v.max_model_len
