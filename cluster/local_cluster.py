@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shlex
 import signal
 import stat
@@ -35,6 +36,7 @@ from backpack.runtime.redis_server import EmbeddedRedis  # noqa: E402
 # In a folder of this user's only (not /tmp, where anyone may leave a file under the name we would read).
 DEFAULT_STATE = str(Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "backpack"
                     / "local-cluster.json")
+PASSWORD_ENV = "BACKPACK_REDIS_PASSWORD"
 # the quickstart's two teacher replicas fit the teacher node; Ray Train's worker the trainer node
 DEFAULT_WORKERS = [{"teacher": 2.0}, {"trainer": 1.0}]
 
@@ -104,13 +106,16 @@ def up(args) -> int:
             return 1
         cluster.stop()  # a stale record (a crashed machine, killed nodes): clear what may be left of it
     workers = args.worker if args.worker is not None else DEFAULT_WORKERS
+    # The Redis password reaches jobs through the nodes' environment (a job's driver inherits it), so no
+    # command line, job record or log ever holds it: runs name it with redis.password_env.
+    password = secrets.token_urlsafe(24)
     cluster = LocalCluster(workers, head_resources=args.head_resources, cpus_per_node=args.cpus,
-                           head_cpus=args.head_cpus, detached=True)
+                           head_cpus=args.head_cpus, detached=True, env={PASSWORD_ENV: password})
     print(f"starting a head and {len(workers)} worker node(s) and a Redis server...", flush=True)
     cluster.start(timeout=args.timeout)
     try:
         # a run on several nodes refuses the embedded per-run Redis: this one is the cluster's (redis.url)
-        server = EmbeddedRedis(Path(cluster.temp_dir) / "redis", detached=True).start()
+        server = EmbeddedRedis(Path(cluster.temp_dir) / "redis", detached=True, password=password).start()
         state = {**cluster.state(), "redis": {"url": server.url, "pid": server.proc.pid}}
         private_dirs(Path(args.state).parent)
         write_durably(args.state, json.dumps(state, indent=1).encode(), mode=0o600)  # the Redis URL: a password
@@ -126,17 +131,32 @@ def up(args) -> int:
     print(f"  dashboard: {cluster.dashboard_url}")
     print(f"\nenvironment for clients (ray.init, ray job ...):\n  export {env_text} "
           f"PATH={shlex.quote(str(Path(cluster.ray).parent))}:$PATH")
-    print(f"  redis.url: {server.url}")
+    bare_url = f"redis://127.0.0.1:{server.port}/0"
+    print(f"  redis:     redis.url={bare_url} redis.password_env={PASSWORD_ENV} (the nodes have it set; for a "
+          f"driver of your own: export {PASSWORD_ENV}=\"$({sys.executable} {__file__} password{_state_opt(args)})\")")
     print(f"\nsubmit a job (from the repository root):\n  {env_text} {ray} job submit --address "
           f"{cluster.dashboard_url} --working-dir . -- \\\n"
           "    python -m jobs.distill --config examples/quickstart.yaml \\\n"
           # absolute: a job runs in a copy of the working dir that Ray deletes later
           f"    storage.path={shlex.quote(str(REPO / 'runs'))} storage.shared=true \\\n"
-          f"    redis.url={server.url} \\\n"
+          f"    redis.url={bare_url} redis.password_env={PASSWORD_ENV} \\\n"
           "    teachers.0.resources.teacher=1 training.resources_per_worker.trainer=1")
-    state_opt = "" if args.state == DEFAULT_STATE else f" --state {shlex.quote(args.state)}"
-    print(f"\nstatus / stop:\n  {sys.executable} {__file__} status{state_opt}\n"
-          f"  {sys.executable} {__file__} down{state_opt}")
+    print(f"\nstatus / stop:\n  {sys.executable} {__file__} status{_state_opt(args)}\n"
+          f"  {sys.executable} {__file__} down{_state_opt(args)}")
+    return 0
+
+
+def _state_opt(args) -> str:
+    return "" if args.state == DEFAULT_STATE else f" --state {shlex.quote(args.state)}"
+
+
+def password(args) -> int:
+    """The cluster's Redis password on stdout, for `export BACKPACK_REDIS_PASSWORD=$(... password)`."""
+    state = read_state(args.state)
+    if state is None:
+        print(f"no local cluster recorded in {args.state}", file=sys.stderr)
+        return 1
+    print(state["env"].get(PASSWORD_ENV, ""))
     return 0
 
 
@@ -177,7 +197,7 @@ def down(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["up", "status", "down"])
+    ap.add_argument("command", choices=["up", "status", "down", "password"])
     ap.add_argument("--state", default=DEFAULT_STATE, help=f"state file (default {DEFAULT_STATE})")
     ap.add_argument("--worker", action="append", type=parse_resources, metavar="NAME=N[,NAME=N]",
                     help="a worker node with these custom resources (repeat per node; default: "
@@ -188,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=180, help="seconds for every node to come up (default 180)")
     args = ap.parse_args(argv)
     try:
-        return {"up": up, "status": status, "down": down}[args.command](args)
+        return {"up": up, "status": status, "down": down, "password": password}[args.command](args)
     except (BackpackError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

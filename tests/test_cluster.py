@@ -159,8 +159,15 @@ def test_local_cluster_script_up_status_down(tmp_path):
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         recorded = json.loads(state.read_text())
-        assert "storage.shared=true" in up.stdout and f"redis.url={recorded['redis']['url']}" in up.stdout
+        url = redis.connection.parse_url(recorded["redis"]["url"])
+        # the submit line names the password's variable, never the password (the nodes have it set)
+        assert "storage.shared=true" in up.stdout and url["password"] not in up.stdout
+        assert (f"redis.url=redis://127.0.0.1:{url['port']}/0 redis.password_env=BACKPACK_REDIS_PASSWORD"
+                in up.stdout)
         assert redis.Redis.from_url(recorded["redis"]["url"]).ping()
+        shown = subprocess.run([*script, "password", "--state", str(state)], capture_output=True, text=True,
+                               timeout=60)
+        assert shown.stdout.strip() == url["password"]
         status = subprocess.run([*script, "status", "--state", str(state)], capture_output=True, text=True,
                                 timeout=60)
         assert status.returncode == 0 and "worker-0" in status.stdout and "'teacher': 1.0" in status.stdout

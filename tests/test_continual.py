@@ -272,6 +272,9 @@ def test_a_trainer_stuck_after_its_last_checkpoint_does_not_hold_the_driver(ray_
 
     monkeypatch.setattr(continual, "TRAINER_EXIT_S", 1.0)
     files = RunFiles(tmp_path)
+    weights = (2).to_bytes(8, "little") + b"{}"  # an empty safetensors file: a whole checkpoint to resume from
+    for name in ("checkpoint_1", "checkpoint_2"):
+        files.write_bytes(f"train/old/{name}/trainable.safetensors", weights)
     files.write_text("train/old/checkpoint_1/state.json", json.dumps({"step": 3}))
     said = []
     trainer = ray.remote(num_cpus=0)(stuck).remote()

@@ -59,11 +59,12 @@ def _die_with_parent():  # runs in the child between fork and exec
 class EmbeddedRedis:
     """A redis-server owned by this process. Use as a context manager, or call start() / stop()."""
 
-    def __init__(self, data_dir: str | os.PathLike, port: Optional[int] = None, detached: bool = False):
+    def __init__(self, data_dir: str | os.PathLike, port: Optional[int] = None, detached: bool = False,
+                 password: Optional[str] = None):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.port = port
         self.detached = detached  # outlives this process (a local cluster's Redis); else dies with it
-        self.password = secrets.token_urlsafe(24)
+        self.password = password or secrets.token_urlsafe(24)
         self.proc: Optional[subprocess.Popen] = None
 
     @property
