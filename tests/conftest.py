@@ -122,3 +122,15 @@ def s3():
     finally:
         server.kill()
         server.wait()
+
+
+def publish_stub_versions(registry, tmp_path, steps=(10, 20, 30)) -> list[int]:
+    """Registry versions whose files are placeholders: for tests of numbering and the live version, which never
+    load the weights."""
+    from backpack.student import checkpoints
+
+    ck = tmp_path / "stub-checkpoint"
+    ck.mkdir(exist_ok=True)
+    for name in (checkpoints.WEIGHTS, checkpoints.STATE):
+        (ck / name).write_bytes(b"{}")
+    return [registry.publish(ck, {"step": step}) for step in steps]

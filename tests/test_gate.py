@@ -19,6 +19,8 @@ from backpack.student.autopilot import load_student
 from backpack.student.registry import Registry
 from backpack.teachers.hf import HFTeacher
 
+from conftest import publish_stub_versions
+
 HELDOUT = 0.5
 
 
@@ -216,12 +218,7 @@ def test_the_gate_never_overrides_a_promote_made_while_it_scored(redis_server, t
     # scores are stubbed: what is tested is the compare-and-set of the live version against an operator
     cfg = _run(tmp_path, "unused-base")
     reg = Registry(redis_server.url, cfg.name, cfg.run_dir)
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    for name in (checkpoints.WEIGHTS, checkpoints.STATE):
-        (ck / name).write_bytes(b"{}")
-    for step in (10, 20, 30):
-        reg.publish(ck, {"step": step})
+    publish_stub_versions(reg, tmp_path)
     gate = Gate(cfg, reg)
     gate.gate_rows = lambda: [{"query_id": "q", "top_ids": [[1]]}]
 

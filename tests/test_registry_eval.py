@@ -16,6 +16,8 @@ from backpack.student.autopilot import load_student
 from backpack.student.registry import Registry, load_version
 from backpack.teachers.hf import HFTeacher
 
+from conftest import publish_stub_versions
+
 
 @pytest.fixture(scope="module")
 def tiny_rows(tiny_model_dir):
@@ -72,12 +74,7 @@ def test_registry_publish_list_events_and_load(redis_server, tiny_model_dir, tmp
 
 def test_registry_live_version_promote_and_rollback(redis_server, tmp_path):
     reg = Registry(redis_server.url, "r2", tmp_path / "run")
-    ck = tmp_path / "ck"
-    ck.mkdir()
-    for name in (checkpoints.WEIGHTS, checkpoints.STATE):
-        (ck / name).write_bytes(b"{}")
-    for step in (10, 20, 30):
-        reg.publish(ck, {"step": step})
+    publish_stub_versions(reg, tmp_path)
     assert reg.live() is None
     with pytest.raises(ValueError, match="no earlier live version"):
         reg.rollback()
