@@ -104,7 +104,9 @@ def main() -> int:
         t0 = time.perf_counter()
         cluster.start()
         redis.start()
-        os.environ["RAY_AUTH_MODE"] = cluster.env["RAY_AUTH_MODE"]  # the driver joins with the nodes' auth mode
+        for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # the driver joins with the nodes' auth and token
+            if name in cluster.env:
+                os.environ[name] = cluster.env[name]
         # else Ray's C++ failure-signal handler in the driver answers SIGTERM with abort(), skipping the clean-up
         os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
         nodes = len(cluster.all_nodes)

@@ -122,8 +122,9 @@ def up(args) -> int:
     except BaseException:
         cluster.stop()
         raise
-    # what a client needs besides `ray` itself: the auth mode every node runs with
-    env_text = f"RAY_AUTH_MODE={shlex.quote(cluster.added_env['RAY_AUTH_MODE'])}"
+    # what a client needs besides `ray` itself: the auth mode every node runs with, and where its token is
+    env_text = " ".join(f"{k}={shlex.quote(cluster.added_env[k])}" for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+                        if k in cluster.added_env)
     ray = shlex.quote(cluster.ray)
     print(f"Ray cluster up ({len(workers) + 1} nodes, state in {args.state}):")
     print_nodes(cluster)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -67,8 +68,13 @@ def backpack(cluster, *args) -> subprocess.Popen:
 
 def actors(cluster) -> list[dict]:
     """Every actor the cluster has seen (dead ones too): class, state, node id."""
-    url = f"{cluster.dashboard_url}/api/v0/actors?limit=10000&detail=1"
-    return json.load(urllib.request.urlopen(url, timeout=10))["data"]["result"]["result"]
+    return dashboard(cluster, "/api/v0/actors?limit=10000&detail=1")["data"]["result"]["result"]
+
+
+def dashboard(cluster, path: str):
+    """A GET of the cluster's dashboard API, with its token (the local cluster runs Ray's token auth)."""
+    request = urllib.request.Request(f"{cluster.dashboard_url}{path}", headers=cluster.auth_headers())
+    return json.load(urllib.request.urlopen(request, timeout=10))
 
 
 def test_embedded_redis_and_local_storage_are_refused(cluster, tmp_path, tiny_model_dir):
@@ -95,7 +101,7 @@ def test_ray_job_distils_with_every_actor_on_its_role_node(cluster, redis_url, t
     assert submit.returncode == 0, submit.stderr[-2000:]
     deadline, status = time.monotonic() + 480, ""
     while time.monotonic() < deadline:
-        status = json.load(urllib.request.urlopen(f"{cluster.dashboard_url}/api/jobs/{job_id}", timeout=10))["status"]
+        status = dashboard(cluster, f"/api/jobs/{job_id}")["status"]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(3)
@@ -165,6 +171,11 @@ def test_local_cluster_script_up_status_down(tmp_path):
         assert (f"redis.url=redis://127.0.0.1:{url['port']}/0 redis.password_env=BACKPACK_REDIS_PASSWORD"
                 in up.stdout)
         assert redis.Redis.from_url(recorded["redis"]["url"]).ping()
+        # Ray's token auth: the submit line names the token's file, and the dashboard refuses a request without it
+        assert "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in up.stdout
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{recorded['dashboard_url']}/api/v0/nodes", timeout=10)
+        assert refused.value.code in (401, 403)
         shown = subprocess.run([*script, "password", "--state", str(state)], capture_output=True, text=True,
                                timeout=60)
         assert shown.stdout.strip() == url["password"]

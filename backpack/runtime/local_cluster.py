@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -93,9 +94,10 @@ class LocalCluster:
 
     Each worker node has `cpus_per_node` logical CPUs, the head `head_cpus` (default: the same); logical, so
     several nodes on a 2-core machine oversubscribe it. `env` is added to every node's environment and to
-    `self.env`, the environment a client (ray.init, `ray job submit`) needs; RAY_AUTH_MODE defaults to
-    "disabled" for this local dev cluster. With `detached=True` the nodes outlive this process (the CLI's
-    `up`); otherwise they get SIGTERM when the thread that started them dies.
+    `self.env`, the environment a client (ray.init, `ray job submit`) needs: Ray's token auth, with a token
+    made at start (RAY_AUTH_TOKEN_PATH); `env={"RAY_AUTH_MODE": "disabled"}` turns it off. With `detached=True`
+    the nodes outlive this process (the CLI's `up`); otherwise they get SIGTERM when the thread that started
+    them dies.
     """
 
     def __init__(self, workers: list[dict[str, float]], head_resources: dict[str, float] | None = None,
@@ -113,7 +115,9 @@ class LocalCluster:
                 raise ValueError(f"node {name}: {e}") from None
         self.object_store_mb, self.detached = object_store_mb, detached
         base = _base_env()
-        self.added_env = {"PATH": f"{Path(sys.executable).parent}:{base.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+        # Ray's token auth: every node and client presents the token in <temp dir>/auth-token (0600, in a 0700
+        # folder), written at start; a process of another user on this machine cannot submit jobs
+        self.added_env = {"PATH": f"{Path(sys.executable).parent}:{base.get('PATH', '')}", "RAY_AUTH_MODE": "token",
                           # Ray drains a node on SIGTERM for up to 30 s (for Ray Serve); a dev cluster stops at once
                           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(env or {})}
         self.env: dict[str, str] = {**base, **self.added_env}
@@ -136,6 +140,13 @@ class LocalCluster:
         Path(self.temp_dir, OWN_MARK).write_text(str(os.getpid()))  # `stop` removes only folders that have it
         for name, _, _ in self.specs:
             os.mkdir(os.path.join(self.temp_dir, name))
+        if self.added_env.get("RAY_AUTH_MODE") == "token" and "RAY_AUTH_TOKEN" not in self.added_env:
+            token_path = os.path.join(self.temp_dir, "auth-token")
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            self.added_env["RAY_AUTH_TOKEN_PATH"] = token_path
+            self.env["RAY_AUTH_TOKEN_PATH"] = token_path
         taken: set[int] = set()
         try:
             for name, cpus, res in self.specs:
@@ -210,11 +221,21 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ state
 
+    def auth_headers(self) -> dict[str, str]:
+        """What an HTTP client of the dashboard sends: the bearer token under token auth."""
+        token = self.added_env.get("RAY_AUTH_TOKEN")
+        path = self.added_env.get("RAY_AUTH_TOKEN_PATH")
+        if token is None and path:
+            token = Path(path).read_text().strip()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
     def nodes(self, include_dead: bool = False) -> list[dict]:
         """The cluster's live nodes (and dead ones with `include_dead`): name (our label: "head", "worker-0"...),
         node_id, alive, is_head, resources. From the dashboard's state API, so this process needs no ray.init;
         OSError if the head does not answer."""
-        with urllib.request.urlopen(f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=1", timeout=10) as r:
+        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=1",
+                                         headers=self.auth_headers())
+        with urllib.request.urlopen(request, timeout=10) as r:
             rows = json.load(r)["data"]["result"]["result"]
         out = [{"name": (n.get("labels") or {}).get(LABEL, ""), "node_id": n["node_id"],
                 "alive": n["state"] == "ALIVE", "is_head": bool(n.get("is_head_node")),
