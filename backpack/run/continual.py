@@ -151,11 +151,12 @@ class ContinualRun:
         self.known_versions = {m["version"] for m in self.registry.versions()}
         # prompts answered before (a batch generate of this run): pushing one again is a duplicate, pushing
         # another prompt under one of their ids is refused at the push
-        Intake(self.url, cfg.name).claim_answered(self._answered_prompts())
+        answered = self._answered_prompts()
+        Intake(self.url, cfg.name).claim_answered(answered)
         self._seed_prompts()
         self._start_server()  # first: a port already in use is a clear error before anything slow starts
         self.gen.start_teachers()
-        self._start_scheduler()
+        self._start_scheduler(answered)
         resume = latest_checkpoint(self.files)
         self._start_trainer(resume[0] if resume else None)
         self.rep.stage("training continually" + (f" from step {resume[1]}" if resume else ""))
@@ -189,11 +190,12 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ the parts
 
-    def _start_scheduler(self) -> None:
+    def _start_scheduler(self, answered: Optional[dict[str, str]] = None) -> None:
+        """`answered`: the dataset's answered prompts when just read (a restart reads them again)."""
         from backpack.runtime.progress import RedisProgress
 
         status = self.store.query_status()
-        answered = self._answered_prompts()
+        answered = answered if answered is not None else self._answered_prompts()
         self.scheduler = self.gen.spawn_scheduler(self.store, RedisProgress(self.url, self.cfg.name))
         # The same consumer name after a restart: the new scheduler first reads what the dead one had not stored.
         source = IntakeSource(self.url, self.cfg.name, answered, stored_ids=set(status))
