@@ -192,10 +192,15 @@ def test_validate_never_echoes_a_secret(capsys):
     from conftest import run_main
 
     proc = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"), "redis.url=redis://:hunter2@host:7/0",
-                    "storage.path=s3://b/runs?secret_key=hunter3&region=eu")
+                    "storage.path=s3://b/runs?region=eu")
     assert proc.returncode == 0 and "hunter" not in proc.stdout + proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["redis"]["url"] == "redis://:***@host:7/0" and shown["storage"]["path"].endswith("region=eu")
+    # storage credentials belong in the environment: in the URI they would land in every version.json
+    keys = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"),
+                    "storage.path=s3://b/runs?secret_key=hunter3&region=eu")
+    assert_clear_error(keys, "storage.path: holds credentials", "AWS_SECRET_ACCESS_KEY")
+    assert "hunter3" not in keys.stderr
     bad = run_main(capsys, "validate", str(EXAMPLES / "quickstart.yaml"), "teachers.0.backend=openai",
                    "teachers.0.endpoint.base_url=https://me:sk-123@api.example.com/v1")
     assert_clear_error(bad, "holds credentials", "endpoint.api_key_env")

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 
 from backpack.config.base import Section
+from backpack.core.redact import redact
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -68,6 +69,9 @@ class StorageConfig(Section):
                 raise ValueError(f"{v!r} is not a folder nor a URI (scheme://bucket/prefix)")
             if not v.split("://", 1)[1].split("?", 1)[0].strip("/"):
                 raise ValueError(f"{v!r} names no bucket or folder after {scheme}://")
+            if redact(v) != v:  # the path is printed, and stored in every student version's version.json
+                raise ValueError("holds credentials: give them in the environment as pyarrow reads them "
+                                 "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), not in the URI")
         return v
 
     @property
