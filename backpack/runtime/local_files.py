@@ -43,14 +43,6 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_durably(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """Write a whole file: a temporary name beside it (created with `mode`), flushed, renamed into place, the
     folder flushed. A reader sees the old file or the new one, and after a power loss the new one stays."""
