@@ -120,6 +120,9 @@ STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}  # rayS
 GROUP = {"rayStartParams": STRINGS, "template": {"type": "object"}}
 CLUSTER_SPEC = {"type": "object", "required": ["headGroupSpec"], "additionalProperties": False, "properties": {
     "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"}, "suspend": {"type": "boolean"},
+    "authOptions": {"type": "object", "additionalProperties": False, "properties": {
+        "mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"},
+        "enableK8sTokenAuth": {"type": "boolean"}}},
     "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
         "idleTimeoutSeconds": INT32, "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}},
     "headGroupSpec": {"type": "object", "required": ["template"], "additionalProperties": False, "properties": {
@@ -186,7 +189,9 @@ def kuberay_problems(doc: dict) -> list[str]:
             problems.append(f"{name}: no nvidia.com/gpu limit")
     if set(pods) != {"head"} | ROLES:
         problems.append(f"groups {sorted(pods)}: expected head, teacher, trainer")
-    modes = set()
+    auth = spec.get("authOptions", {})
+    if auth.get("mode") != "token" or not auth.get("secretName"):
+        problems.append(f"authOptions {auth}: Ray's token auth (mode: token) with the token in a named Secret")
     for name, pod in pods.items():
         claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod.get("volumes", [])}
         container = pod["containers"][0]
@@ -194,15 +199,37 @@ def kuberay_problems(doc: dict) -> list[str]:
         if mounts.get(STORAGE) != "backpack-runs":
             problems.append(f"{name}: claim backpack-runs not mounted at {STORAGE}")
         env = {e["name"]: e for e in container.get("env", [])}
-        modes.add(env.get("RAY_AUTH_MODE", {}).get("value"))
+        if "RAY_AUTH_MODE" in env or "RAY_AUTH_TOKEN" in env:
+            problems.append(f"{name}: sets the Ray auth itself (the operator sets it from authOptions)")
         if "secretKeyRef" not in env.get("REDIS_PASSWORD", {}).get("valueFrom", {}):
             problems.append(f"{name}: REDIS_PASSWORD must come from a Secret")
+    templates = pod_templates(doc)
+    for name, template in templates.items():
+        labels = template.get("metadata", {}).get("labels", {})
+        wanted = HEAD_LABELS if name == "head" else MEMBER_LABELS
+        if not wanted.items() <= labels.items():
+            problems.append(f"{name}: pod labels {labels} do not carry {wanted} (the head's NetworkPolicy)")
     if doc["kind"] == "RayJob":
-        submitter = doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
-        modes.add({e["name"]: e.get("value") for e in submitter.get("env", [])}.get("RAY_AUTH_MODE"))
-    if len(modes) != 1 or None in modes:
-        problems.append(f"RAY_AUTH_MODE differs between pods: {modes}")
+        submitter = {e["name"]: e for e in doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
+        token = submitter.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if submitter.get("RAY_AUTH_MODE", {}).get("value") != "token" or token != {
+                "name": auth.get("secretName"), "key": "auth_token"}:
+            problems.append("submitter: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from the cluster's token Secret")
     return problems
+
+
+HEAD_LABELS = {"app.kubernetes.io/part-of": "backpack", "backpack/role": "head"}
+MEMBER_LABELS = {"app.kubernetes.io/part-of": "backpack"}
+
+
+def test_the_head_lets_in_only_backpack_pods_and_the_operator():
+    policy = kind(RAYCLUSTER, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == HEAD_LABELS and policy["policyTypes"] == ["Ingress"]
+    members, operator = policy["ingress"]
+    assert members == {"from": [{"podSelector": {"matchLabels": MEMBER_LABELS}}]}
+    assert operator["from"] == [{"namespaceSelector": {}, "podSelector": {
+        "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
 
 
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
@@ -213,12 +240,16 @@ def test_kuberay_manifests_pass_kubernetes_and_crd_schemas(path):
             crd_checks(doc)
             assert kuberay_problems(doc) == []
     ray_doc = next(d for d in docs(path) if d["apiVersion"] == "ray.io/v1")
-    typo, number, no_gpu = (copy.deepcopy(ray_doc) for _ in range(3))
+    typo, number, no_gpu, no_auth, unlabelled = (copy.deepcopy(ray_doc) for _ in range(5))
     pod_templates(typo)["teacher"]["spec"]["containers"][0]["env"][0]["valu"] = "token"  # not a field of EnvVar
     cluster_spec(number)["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # KubeRay wants "1"
     del cluster_spec(no_gpu)["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert rejected(kubernetes_checks, typo) and rejected(crd_checks, number)
     assert any("trainer: no nvidia.com/gpu limit" in p for p in kuberay_problems(no_gpu))
+    cluster_spec(no_auth)["authOptions"]["mode"] = "disabled"
+    del pod_templates(unlabelled)["trainer"]["metadata"]
+    assert any("authOptions" in p for p in kuberay_problems(no_auth))
+    assert any(p.startswith("trainer: pod labels") for p in kuberay_problems(unlabelled))
 
 
 def test_rayjob_entrypoint_is_a_valid_backpack_run(monkeypatch):
