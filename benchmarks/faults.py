@@ -1,6 +1,13 @@
 """Faults and bad inputs: nothing accepted is lost, and nothing a user sends gets a traceback.
 
-    .venv/bin/python benchmarks/faults.py --part inputs      # the bad-input corpus (~2 minutes)
+    .venv/bin/python benchmarks/faults.py                   # both parts (~12 minutes)
+    .venv/bin/python benchmarks/faults.py --part stream     # the stream under faults only
+    .venv/bin/python benchmarks/faults.py --part inputs     # the bad-input corpus only (~2 minutes)
+
+The stream: a continual run fed a stream of prompts (2,000 by default) while a teacher, the scheduler and a
+trainer worker are killed, the driver is SIGKILLed and started again, Redis is paused for 40 s and restarted
+(benchmarks/fault_stream.py says how). Counted by prompt id at the end: pushed, answered, failed with a
+reason, failed without one, lost, duplicated rows, and the training steps redone after each resume.
 
 The bad-input corpus: generated bad inputs (deep JSON, huge numbers, wrong types, NaN and infinities, control
 characters, truncated and binary files) through every door a user has: run configs (`backpack validate`, as
@@ -10,8 +17,8 @@ Each must get one clear message (an exit status of 2, an InputError, a rejected 
 4xx; a traceback, an exception of any other kind, or a 5xx is counted against it. An input that turns out to be
 valid (accepted) is counted apart: it is not bad.
 
-The stream part (a continual run fed 2,000 prompts while actors, the driver and Redis are killed) is not built
-yet: see the issue's closing note. Until it is, this script prints the corpus table and no summary line.
+The last line it prints (read by a script):
+`faults: <n> prompts, lost <l>, duplicated <d>, failed without reason <f>; bad inputs <b>, tracebacks or 5xx <t>`
 """
 
 from __future__ import annotations
@@ -294,13 +301,34 @@ def print_inputs(tally: Tally) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["inputs"], default="inputs")
+    ap.add_argument("--part", choices=["all", "stream", "inputs"], default="all")
+    ap.add_argument("--prompts", type=int, default=2000, help="prompts pushed in the stream")
+    ap.add_argument("--seed", type=int, default=0, help="the faults' order and moments")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the six faults, each in its own order")
+    ap.add_argument("--minutes", type=float, default=40.0, help="the stream gives up after this long")
     args = ap.parse_args()
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
-    if args.part == "inputs":
-        print("bad-input corpus:", flush=True)
+    stream = tally = None
+    if args.part in ("all", "stream"):
+        from fault_stream import print_stream, run_stream
+
+        print(f"stream: {args.prompts} prompts, {args.rounds} round(s) of faults in a shuffled order (seed {args.seed}):", flush=True)
+        stream = run_stream(args.prompts, args.seed, args.minutes, args.rounds)
+        print_stream(stream)
+    if args.part in ("all", "inputs"):
+        print("\nbad-input corpus:", flush=True)
         tally = run_inputs()
         print_inputs(tally)
+    if stream and tally:
+        c = stream["counts"]
+        print(f"\nfaults: {c['pushed']} prompts, lost {c['lost']}, duplicated {c['duplicated']}, failed without "
+              f"reason {c['failed without reason']}; bad inputs {tally.total() - tally.total('accepted')}, "
+              f"tracebacks or 5xx {tally.total('broken') + stream['tracebacks']}")
+    elif stream:
+        c = stream["counts"]
+        print(f"\nfaults: {c['pushed']} prompts, lost {c['lost']}, duplicated {c['duplicated']}, failed without "
+              f"reason {c['failed without reason']}; tracebacks {stream['tracebacks']}")
+    else:
         print(f"\nbad inputs {tally.total() - tally.total('accepted')}, tracebacks or 5xx {tally.total('broken')}")
     return 0
 

@@ -47,6 +47,48 @@ def test_run_files_on_s3(s3, tmp_path, monkeypatch):
         local_folder(files.uri("ckpt/v9"))
 
 
+def test_a_lease_object_excludes_a_second_holder_until_released_or_expired(s3, tmp_path):
+    import time
+
+    from backpack.errors import DatasetError
+    from backpack.runtime.lease import LeaseHeld, StorageLease
+
+    files = RunFiles(join_uri(s3, tmp_path.name))
+    path = files.path("x.lease")
+    first = StorageLease(files.fs, path, "first", ttl_s=1.5, settle_s=0.05)
+    second = StorageLease(files.fs, path, "second", ttl_s=1.5, settle_s=0.05)
+    first.try_acquire()
+    with pytest.raises(LeaseHeld, match="held by first"):
+        second.try_acquire()
+    first.release()
+    second.try_acquire()  # released: free at once
+    time.sleep(1.6)
+    first.try_acquire()   # expired without renewal: free
+    with pytest.raises(DatasetError, match="lost the lease"):
+        second.check()    # the fence a writer checks before it writes
+    with pytest.raises(LeaseHeld):
+        second.acquire(wait_s=0.3)
+
+
+def test_the_run_lock_holds_across_machines_when_storage_is_remote(s3, tmp_path):
+    """Two drivers of one run on two machines (two storage.local_path: each its own flock) with the run's
+    files in one bucket: the second is refused while the first runs, and starts once it has ended."""
+    from backpack.errors import InputError
+    from backpack.runtime.session import run_lock
+
+    def cfg(machine):
+        return validate_config({"name": "shared", "teachers": [{"name": "t", "model": "default"}],
+                                "prompts": {"path": str(EXAMPLES / "prompts.jsonl")},
+                                "storage": {"path": join_uri(s3, tmp_path.name),
+                                            "local_path": str(tmp_path / machine)}})
+    with run_lock(cfg("a")):
+        with pytest.raises(InputError, match="run 'shared' is already running: .* held by run 'shared'"):
+            with run_lock(cfg("b")):
+                pass
+    with run_lock(cfg("b")):
+        pass
+
+
 @pytest.mark.integration
 def test_distillation_with_its_files_in_an_object_store(ray_session, smol_dir, tiny_model_dir, tmp_path, s3,
                                                          monkeypatch, capsys):

@@ -64,16 +64,21 @@ def test_rejects_wrong_schema(tmp_path):
         s.append(pa.table({"x": [1]}))
 
 
-def test_two_writers_of_one_dataset_lose_no_shard(tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_writers_of_one_dataset_lose_no_shard(tmp_path, where, request):
+    """Locally the flock, on an object store the lease object (moto's S3 server) keeps both writers' shards."""
     import threading
 
-    DatasetStore(tmp_path / "ds")
+    from backpack.data.storage import join_uri
+
+    root = tmp_path / "ds" if where == "local" else join_uri(request.getfixturevalue("s3"), tmp_path.name, "ds")
+    DatasetStore(root)
     errors = []
 
     def writer(name):  # each writer has its own handle, as two processes would
-        store = DatasetStore(tmp_path / "ds")
+        store = DatasetStore(root)
         try:
-            for i in range(12):
+            for i in range(12 if where == "local" else 6):
                 store.append(rows(f"{name}{i}-", 2))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
@@ -82,9 +87,9 @@ def test_two_writers_of_one_dataset_lose_no_shard(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    s = DatasetStore(tmp_path / "ds", create=False)
-    assert not errors and s.version == 24 and s.read().num_rows == 48
-    assert len(set(s.read(columns=["query_id"]).column("query_id").to_pylist())) == 48
+    s, n = DatasetStore(root, create=False), 24 if where == "local" else 12
+    assert not errors and s.version == n and s.read().num_rows == 2 * n
+    assert len(set(s.read(columns=["query_id"]).column("query_id").to_pylist())) == 2 * n
 
 
 def test_appends_are_durable_and_private(tmp_path, monkeypatch):

@@ -7,9 +7,11 @@ Layout under the dataset root (a local path or any `pyarrow.fs` URI):
 
 A write goes shard first (to a temporary name, flushed, then renamed), manifest last (the same way), so a crash
 at any point leaves the previous manifest intact and never points at a half-written shard; locally the folder
-is flushed after each rename, so an acknowledged append survives a power loss. Writers of a local dataset take
-`manifest.lock` (an flock) around the read-modify-write of the manifest, so two of them (a driver's leftover
-actors and a new run's) both land their shards; any number of readers.
+is flushed after each rename, so an acknowledged append survives a power loss. Writers take a lock around the
+read-modify-write of the manifest, so two of them (a driver's leftover actors and a new run's, two machines)
+both land their shards: `manifest.lock` (an flock) locally, the lease object `manifest.lease` on an object store
+(see backpack.runtime.lease), checked again just before the manifest is written, with the manifest's version
+(its generation) re-read to be the one extended. Any number of readers.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from backpack.core.types import OK
 from backpack.data.manifest import Manifest, ShardEntry
 from backpack.data.storage import resolve
 from backpack.errors import DatasetError
+from backpack.runtime.lease import StorageLease
 from backpack.runtime.local_files import private_dirs, write_durably
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 LOCK = "manifest.lock"
+LEASE = "manifest.lease"
+APPEND_WAIT_S = 120.0  # how long an append waits for another writer's lease before it fails
 
 
 class DatasetStore:
@@ -89,15 +94,21 @@ class DatasetStore:
 
     @contextlib.contextmanager
     def _writer_lock(self):
-        """Held around a manifest update. Local datasets only: an object store has no lock (one run, one writer:
-        the run lock)."""
+        """Held around a manifest update: an flock locally; on an object store a lease object (yielded, so the
+        writer checks it is still held right before the write it protects)."""
         if not self._local:
-            yield
+            lease = StorageLease(self.fs, self._p(LEASE), what=f"an append to {self.uri}", ttl_s=60.0,
+                                 settle_s=0.3)
+            lease.acquire(APPEND_WAIT_S)
+            try:
+                yield lease
+            finally:
+                lease.release()
             return
         with open(self._p(LOCK), "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
-                yield
+                yield None
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -115,12 +126,17 @@ class DatasetStore:
         pq.write_table(table, sink, compression="zstd")
         status = table.column("status").to_pylist()
         teachers = Counter(table.column("teacher").to_pylist())
-        with self._writer_lock():  # the manifest read here is the one this append extends
+        with self._writer_lock() as lease:  # the manifest read here is the one this append extends
             manifest = self.manifest()
             rel = f"{SHARDS}/part-{manifest.version + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
             self._write_durably(rel, sink.getvalue().to_pybytes())
             entry = manifest.add(rel, rows=table.num_rows, ok=status.count(OK),
                                  failed=len(status) - status.count(OK), teachers=dict(teachers))
+            if lease is not None:  # the fence: still ours, and nobody wrote a version meanwhile
+                lease.check()
+                if self.manifest().version != entry.version - 1:
+                    raise DatasetError(f"{self.uri}: the manifest changed during an append (a writer without "
+                                       "the lease): this shard was not added; append it again")
             self._write_manifest(manifest)
         return entry
 

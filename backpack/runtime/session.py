@@ -14,13 +14,18 @@ import json
 import os
 from typing import Callable, Optional
 
+import pyarrow.fs as pafs
+
 from backpack.config import RunConfig
+from backpack.core.redact import redact
 from backpack.errors import BackpackError, InputError
 from backpack.runtime import ray_runtime
+from backpack.runtime.lease import LeaseHeld, StorageLease
 from backpack.runtime.local_files import private_dirs
 from backpack.runtime.progress import Reporter
 from backpack.runtime.redis_server import EmbeddedRedis, connect, with_password
 
+RUN_LEASE = "run.lease"  # in the run's storage (remote storage only): who runs it, until when
 ENDPOINT_FILE = "endpoint.json"  # in <run_dir>/redis/: where a live run's embedded Redis listens
 
 
@@ -28,7 +33,11 @@ ENDPOINT_FILE = "endpoint.json"  # in <run_dir>/redis/: where a live run's embed
 def run_lock(cfg: RunConfig):
     """Hold `<run_dir>/.lock` for the run: two runs of one name would write one dataset and one Redis AOF. The
     lock is an flock, gone with the process that held it: the file left behind after Ctrl-C or a crash is
-    harmless (removing it would let a second run lock a new file while the first still holds the old)."""
+    harmless (removing it would let a second run lock a new file while the first still holds the old).
+
+    With a remote storage.path the run's folder here is this machine's only, so the lock is also a lease object
+    in the run's storage (`run.lease`, see backpack.data.lease), renewed while the run goes on: a second driver
+    of the run, on any machine, is refused while it is held."""
     try:
         private_dirs(cfg.run_dir)
     except OSError as e:
@@ -46,7 +55,29 @@ def run_lock(cfg: RunConfig):
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
+        if not cfg.storage.remote:
+            yield
+            return
+        with _storage_lease(cfg):
+            yield
+
+
+@contextlib.contextmanager
+def _storage_lease(cfg: RunConfig):
+    fs, root = pafs.FileSystem.from_uri(cfg.files_root)
+    path = f"{root.rstrip('/')}/{RUN_LEASE}"
+    lease = StorageLease(fs, path, what=f"run {cfg.name!r}", ttl_s=60.0, settle_s=1.0)
+    try:
+        lease.try_acquire()
+    except LeaseHeld as e:
+        raise InputError(f"run {cfg.name!r} is already running: {e}") from None
+    except OSError as e:
+        raise InputError(f"storage.path: cannot write the run's lease in {redact(cfg.files_root)!r}: {e}") from None
+    lease.keep_renewed()
+    try:
         yield
+    finally:
+        lease.release()
 
 
 def _configured(cfg: RunConfig) -> str:
