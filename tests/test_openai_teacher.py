@@ -191,6 +191,10 @@ def test_teacher_level_failures_raise_so_the_batch_is_rerouted(scripted, monkeyp
     dead = teacher("http://127.0.0.1:9/v1", monkeypatch, max_retries=1)   # nothing listens there
     with pytest.raises(TeacherError, match="cannot reach"):
         rows(dead, "a")
+    keyed = teacher("http://127.0.0.1:9/v1?api_key=hunter2", monkeypatch, max_retries=1)  # a gateway's key
+    with pytest.raises(TeacherError, match="cannot reach") as e:
+        rows(keyed, "a")
+    assert "hunter2" not in str(e.value)
     monkeypatch.delenv("TEST_API_KEY")
     with pytest.raises(TeacherError, match="TEST_API_KEY .endpoint.api_key_env. holding the API key is not set"):
         OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m",

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from backpack.core.redact import redact
+
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
@@ -101,7 +103,7 @@ def latest_checkpoint(files) -> Optional[tuple[str, int]]:
         directory = state.rsplit("/", 1)[0]
         step = complete(files, directory)
         if step is None:
-            warnings.warn(f"skipping the incomplete checkpoint {files.uri(directory)} (its state or weights are "
+            warnings.warn(f"skipping the incomplete checkpoint {redact(files.uri(directory))} (its state or weights are "
                           "missing or cut short): resuming from an earlier one", stacklevel=2)
             continue
         if best is None or step > best[1]:

@@ -106,6 +106,7 @@ class OpenAITeacher(TeacherBase):
             raise TeacherError(cfg.name, "backend 'openai' needs an endpoint: section (base_url, ...)")
         self.cfg, self.ep, self.name, self.replica = cfg, ep, cfg.name, replica or cfg.name
         self.url = ep.base_url.rstrip("/") + "/chat/completions"
+        self.shown_url = redact(self.url)  # what errors and logs name: a secret query parameter masked
         self.headers = {"Content-Type": "application/json"}
         if ep.api_key_env:
             key = os.environ.get(ep.api_key_env)
@@ -180,9 +181,9 @@ class OpenAITeacher(TeacherBase):
         try:
             resp = self.session.post(self.url, json=body, headers=self.headers, timeout=self.ep.timeout_s)
         except requests.Timeout:
-            raise EndpointError(f"no answer from {self.url} within {self.ep.timeout_s} s", retry=True) from None
+            raise EndpointError(f"no answer from {self.shown_url} within {self.ep.timeout_s} s", retry=True) from None
         except requests.ConnectionError as e:
-            raise EndpointError(f"cannot reach {self.url}: {type(e).__name__}", retry=True) from None
+            raise EndpointError(f"cannot reach {self.shown_url}: {type(e).__name__}", retry=True) from None
         if resp.status_code == 200:
             try:
                 payload = resp.json()
@@ -190,7 +191,7 @@ class OpenAITeacher(TeacherBase):
                 raise EndpointError(f"the endpoint answered 200 with something that is not JSON: "
                                     f"{resp.text[:200]!r}") from None
             return parse_response(q, payload, self.name, self.replica, self.fingerprint)
-        message = f"{self.url} answered {resp.status_code}: {_server_message(resp)}"
+        message = f"{self.shown_url} answered {resp.status_code}: {_server_message(resp)}"
         if resp.status_code in RETRY_STATUS:
             after = resp.headers.get("Retry-After")
             raise EndpointError(message, retry=True,
