@@ -33,24 +33,6 @@ PAUSE_S = 40
 PASSWORD_ENV = "FAULTS_REDIS_PASSWORD"
 
 
-def tiny_model(out: Path) -> str:
-    """A 2-layer random Llama with the default model's tokenizer (as the tests' tiny_model_dir)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from backpack.teachers.loader import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("default").path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
-
-
 def run_overrides(tmp: Path, model: str, redis_port: int) -> list[str]:
     """examples/continual.yaml, made small: two tiny teacher replicas (one may die while the other answers),
     short answers, a checkpoint every 10 steps so a resume redoes little."""
@@ -193,7 +175,9 @@ def run_stream(n: int, seed: int, minutes: float, rounds: int = 2) -> dict:
 
     rng = random.Random(seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench-faults-"))
-    model = tiny_model(tmp / "tiny")
+    from backpack.teachers.loader import save_tiny_llama
+
+    model = save_tiny_llama(tmp / "tiny")
     redis = EmbeddedRedis(tmp / "redis").start()
     env = {**os.environ, PASSWORD_ENV: redis.password, "HF_HUB_OFFLINE": "1"}
     os.environ[PASSWORD_ENV] = redis.password

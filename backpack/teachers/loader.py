@@ -126,3 +126,21 @@ def resolve_model(model: str, cache: Path | None = None) -> ResolvedModel:
         raise ModelNotFoundError(f"cannot load model {model!r}: not a local file or directory, and not "
                                  f"available from the Hugging Face hub{offline}: {type(e).__name__}") from None
     return ResolvedModel(local, f"hub:{model}@{Path(local).name[:12]}", model)
+
+
+def save_tiny_llama(out: str | os.PathLike) -> str:
+    """Save a 2-layer randomly initialised Llama with the default model's tokenizer as an HF folder at `out`
+    (a few MB): for exercising the pipeline (tests, the fault suite) where what a model says does not matter.
+    Its answers are noise."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("default").path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
