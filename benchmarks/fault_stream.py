@@ -100,8 +100,8 @@ class Stream:
     """Pushes the prompts in small batches; a push that fails because Redis is away is tried again later (an
     accepted push, or a duplicate answer to the retry of a push whose reply was lost, counts as pushed)."""
 
-    def __init__(self, url_of, run: str, n: int):
-        self.url_of, self.run = url_of, run
+    def __init__(self, url: str, run: str, n: int):
+        self.url, self.run = url, run
         self.todo = [(f"s{i:05d}", f"Item {i}: what is {i % 97} plus {i % 13}?") for i in range(n)]
         self.pushed: set[str] = set()
         self.push_errors = 0
@@ -110,7 +110,7 @@ class Stream:
         from backpack.scheduling.intake import Intake
 
         try:
-            intake = Intake(self.url_of(), self.run, password_env=PASSWORD_ENV)
+            intake = Intake(self.url, self.run, password_env=PASSWORD_ENV)
             while self.todo and count > 0:
                 qid, text = self.todo[0]
                 intake.push(text, id=qid, task="faults")
@@ -184,7 +184,7 @@ def run_stream(n: int, seed: int, minutes: float, rounds: int = 2) -> dict:
     url = f"redis://127.0.0.1:{redis.port}/0"
     overrides = run_overrides(tmp, model, redis.port)
     driver = Driver(REPO / "examples" / "continual.yaml", overrides, tmp / "driver.log", env)
-    stream = Stream(lambda: url, "continual", n)
+    stream = Stream(url, "continual", n)
     events: list[str] = []
     recoveries: list[tuple[str, float | None]] = []  # (fault, seconds until answers were stored again)
     t_fault = time.monotonic()
@@ -275,7 +275,7 @@ def run_stream(n: int, seed: int, minutes: float, rounds: int = 2) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints: hundreds of MB
     return {"counts": counts, "events": events, "tracebacks": log.count("Traceback (most recent call last)"),
             "steps_redone": redone,
-            "exit": code, "recoveries": recoveries, "push_errors": stream.push_errors, "tmp": str(tmp), "log_tail": log[-3000:]}
+            "exit": code, "recoveries": recoveries, "push_errors": stream.push_errors}
 
 
 def print_stream(result: dict) -> None:

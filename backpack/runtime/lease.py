@@ -42,7 +42,6 @@ class StorageLease:
         self.fs, self.path, self.what = fs, path, what
         self.ttl_s, self.settle_s = ttl_s, settle_s
         self.token = secrets.token_hex(16)
-        self._renewer: Optional[threading.Thread] = None
         self._stop = threading.Event()
 
     def _read(self) -> Optional[dict]:
@@ -50,9 +49,7 @@ class StorageLease:
             with self.fs.open_input_stream(self.path) as f:
                 data = json.loads(f.read().decode("utf-8"))
             return data if isinstance(data, dict) else None
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, UnicodeDecodeError):  # gone meanwhile, or a torn read: nobody's lease
+        except (OSError, ValueError, UnicodeDecodeError):  # none, gone meanwhile, or a torn read: nobody's lease
             return None
 
     def _write(self) -> None:
@@ -109,8 +106,7 @@ class StorageLease:
                     self.renew()
                 except (DatasetError, OSError):
                     pass  # a store hiccup: tried again at the next tick, while the TTL still covers it
-        self._renewer = threading.Thread(target=loop, name="storage-lease", daemon=True)
-        self._renewer.start()
+        threading.Thread(target=loop, name="storage-lease", daemon=True).start()
 
     def release(self) -> None:
         self._stop.set()
@@ -120,9 +116,3 @@ class StorageLease:
                 self.fs.delete_file(self.path)
             except OSError:
                 pass  # it expires by itself
-
-    def __enter__(self) -> "StorageLease":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -36,7 +36,7 @@ def run_lock(cfg: RunConfig):
     harmless (removing it would let a second run lock a new file while the first still holds the old).
 
     With a remote storage.path the run's folder here is this machine's only, so the lock is also a lease object
-    in the run's storage (`run.lease`, see backpack.data.lease), renewed while the run goes on: a second driver
+    in the run's storage (`run.lease`, see backpack.runtime.lease), renewed while the run goes on: a second driver
     of the run, on any machine, is refused while it is held."""
     try:
         private_dirs(cfg.run_dir)
