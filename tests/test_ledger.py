@@ -203,3 +203,14 @@ def test_renewals_survive_a_redis_error_and_waiters_have_a_deadline(redis_server
     rows = LedgerTeacher(other, ledger, wait_s=0.05, max_wait_s=0.5).generate(
         queries_to_table([q("stuck")])).to_pylist()
     assert other.asked == ["stuck"] and rows[0]["status"] == "ok"
+
+
+def test_the_wait_for_another_replicas_answer_comes_from_the_config():
+    from backpack.teachers.ledger import run_ledger
+
+    base = {"name": "wait", "teachers": [{"name": "t", "backend": "hf", "model": "default"}],
+            "prompts": {"path": str(EXAMPLES / "prompts.jsonl")}}
+    default = run_ledger(validate_config({**base, "ledger": {"use": "always", "lease_s": 4}}), "redis://x")
+    assert default.max_wait_s == 20  # 5 x lease_s
+    set_ = run_ledger(validate_config({**base, "ledger": {"use": "always", "max_wait_s": 7.5}}), "redis://x")
+    assert set_.max_wait_s == 7.5 and LedgerTeacher(CountingTeacher(), set_).max_wait_s == 7.5

@@ -168,6 +168,9 @@ class LedgerConfig(Section):
     lease_s: float = Field(10.0, ge=1, le=3600, description=(
         "seconds a replica's claim on a prompt it is answering lasts without renewal (it renews while working): "
         "how long others wait before taking over the prompts of a replica that died"))
+    max_wait_s: Optional[float] = Field(None, gt=0, le=86400, description=(
+        "seconds a replica waits for a prompt another replica has claimed before answering it itself, paying "
+        "twice rather than waiting on an owner that renews its claim but never answers (null: 5 x lease_s)"))
     keep_days: Optional[float] = Field(None, gt=0, description="days an answer is kept (null: until Redis evicts it)")
 
     def applies(self, backend: str) -> bool:

@@ -145,12 +145,16 @@ class RunFiles:
         (one writer per log: the run's rank-0 trainer or the driver)."""
         append_text(self.uri(rel), text)
 
-    def upload(self, local_dir: str | os.PathLike, rel: str) -> None:
-        """Copy the files of a local folder to `rel` (created; files there of the same name replaced)."""
+    def make_dir(self, rel: str = "") -> None:
+        """Create the folder `rel` and its parents: locally private (0700); on an object store a marker, if any."""
         if self.local:
             private_dirs(self.path(rel))
         else:
             self.fs.create_dir(self.path(rel), recursive=True)
+
+    def upload(self, local_dir: str | os.PathLike, rel: str) -> None:
+        """Copy the files of a local folder to `rel` (created; files there of the same name replaced)."""
+        self.make_dir(rel)
         for item in sorted(Path(local_dir).rglob("*")):
             if item.is_file():
                 self.write_bytes(f"{rel}/{item.relative_to(local_dir).as_posix()}", item.read_bytes())

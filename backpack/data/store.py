@@ -25,16 +25,14 @@ from collections import Counter
 from typing import Optional
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from backpack.core.schema import DATASET_SCHEMA, check_dataset_table, with_added_columns
 from backpack.core.types import OK
 from backpack.data.manifest import Manifest, ShardEntry
-from backpack.data.storage import resolve
+from backpack.data.storage import RunFiles
 from backpack.errors import DatasetError
 from backpack.runtime.lease import StorageLease
-from backpack.runtime.local_files import private_dirs, write_durably
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -48,22 +46,18 @@ class DatasetStore:
 
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.uri = str(root)
-        self.fs, self.root = resolve(self.uri)
-        self._local = isinstance(self.fs, pafs.LocalFileSystem)
-        info = self.fs.get_file_info(self._p(MANIFEST))
-        if info.type == pafs.FileType.NotFound:
+        self.files = RunFiles(self.uri)
+        self.fs, self.root, self._local = self.files.fs, self.files.path(), self.files.local
+        if not self.files.exists(MANIFEST):
             if not create:
                 raise DatasetError(f"no dataset at {self.uri!r} (no {MANIFEST} there)")
-            if self._local:
-                private_dirs(self._p(SHARDS))
-            else:
-                self.fs.create_dir(self._p(SHARDS), recursive=True)
+            self.files.make_dir(SHARDS)
             with self._writer_lock():
-                if self.fs.get_file_info(self._p(MANIFEST)).type == pafs.FileType.NotFound:
+                if not self.files.exists(MANIFEST):
                     self._write_manifest(Manifest())
 
     def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        return self.files.path(rel)
 
     # ------------------------------------------------------------ manifest
 
@@ -83,14 +77,6 @@ class DatasetStore:
     @property
     def version(self) -> int:
         return self.manifest().version
-
-    def _write_durably(self, rel: str, data: bytes) -> None:
-        """Write `data` to `rel` whole: locally see write_durably; on an object store one PUT is atomic."""
-        if self._local:
-            write_durably(self._p(rel), data)
-            return
-        with self.fs.open_output_stream(self._p(rel)) as f:
-            f.write(data)
 
     @contextlib.contextmanager
     def _writer_lock(self):
@@ -113,7 +99,7 @@ class DatasetStore:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        self._write_durably(MANIFEST, manifest.to_json().encode("utf-8"))
+        self.files.write_bytes(MANIFEST, manifest.to_json().encode("utf-8"))
 
     # ------------------------------------------------------------ writing
 
@@ -129,7 +115,7 @@ class DatasetStore:
         with self._writer_lock() as lease:  # the manifest read here is the one this append extends
             manifest = self.manifest()
             rel = f"{SHARDS}/part-{manifest.version + 1:06d}-{uuid.uuid4().hex[:8]}.parquet"
-            self._write_durably(rel, sink.getvalue().to_pybytes())
+            self.files.write_bytes(rel, sink.getvalue().to_pybytes())
             entry = manifest.add(rel, rows=table.num_rows, ok=status.count(OK),
                                  failed=len(status) - status.count(OK), teachers=dict(teachers))
             if lease is not None:  # the fence: still ours, and nobody wrote a version meanwhile

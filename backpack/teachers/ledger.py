@@ -59,16 +59,19 @@ def run_ledger(cfg, redis_url: str) -> Optional["QueryLedger"]:
     if lc.use == "never":
         return None
     return QueryLedger(redis_url, cfg.redis.password_env, lease_s=lc.lease_s,
-                       keep_s=lc.keep_days * 86400 if lc.keep_days else None)
+                       keep_s=lc.keep_days * 86400 if lc.keep_days else None, max_wait_s=lc.max_wait_s)
 
 
 class QueryLedger:
     """The ledger in the Redis at `redis_url`. Picklable (it connects lazily), so teacher actors carry it."""
 
     def __init__(self, redis_url: str, password_env: Optional[str] = None, lease_s: float = 60.0,
-                 keep_s: Optional[float] = None):
+                 keep_s: Optional[float] = None, max_wait_s: Optional[float] = None):
         self.redis_url, self.password_env = redis_url, password_env
         self.lease_s, self.keep_s = lease_s, keep_s
+        # How long a Query waits for another replica's answer before it is answered here too (paying twice
+        # beats waiting forever on an owner that renews its lease but never answers)
+        self.max_wait_s = max_wait_s if max_wait_s is not None else 5 * lease_s
         self._client = None
 
     def __getstate__(self):
@@ -132,9 +135,7 @@ class LedgerTeacher(TeacherBase):
     def __init__(self, teacher, ledger: QueryLedger, wait_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic, max_wait_s: Optional[float] = None):
         self.teacher, self.ledger, self.wait_s, self.clock = teacher, ledger, wait_s, clock
-        # How long a Query waits for another replica's answer before it is answered here too (paying twice
-        # beats waiting forever on an owner that renews its lease but never answers)
-        self.max_wait_s = max_wait_s if max_wait_s is not None else 5 * ledger.lease_s
+        self.max_wait_s = max_wait_s if max_wait_s is not None else ledger.max_wait_s
         self.name = teacher.name
         self.owner = f"{getattr(teacher, 'replica', teacher.name)}:{uuid.uuid4().hex[:8]}"
         self.stats = {"ledger_hits": 0, "ledger_waits": 0, "tokens_saved": 0}
