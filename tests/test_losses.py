@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backpack.core.losses import IGNORE, distill_loss, sequence_ce, topk_divergence
+from backpack.core.losses import IGNORE, distill_loss, sampled_token_loss, sequence_ce, topk_divergence
 
 B, T, V = 2, 5, 11
 
@@ -134,3 +134,31 @@ def test_mix_and_bad_arguments():
     with pytest.raises(ValueError, match="beta"):
         topk_divergence(torch.zeros(1, 1, 3), torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1),
                         torch.ones(1, 1, dtype=torch.bool), "jsd", beta=1.0)
+
+
+def test_sampled_token_loss_matches_reference_and_its_expected_gradient_is_the_reverse_kl(logits):
+    student, teacher = logits
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    teacher_lp = F.log_softmax(teacher, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    total, n = 0.0, 0
+    for bi in range(B):
+        for t in range(T):
+            if mask[bi, t]:
+                lq = math.log(torch.softmax(student[bi, t].double(), -1)[tokens[bi, t]].item())
+                total, n = total - (teacher_lp[bi, t].item() - lq) * lq, n + 1
+    assert sampled_token_loss(student, tokens, teacher_lp, mask).item() == pytest.approx(total / n, rel=1e-5)
+    # every token weighted by the student's probability of sampling it: the gradient of the exact reverse KL
+    s = student.clone().requires_grad_(True)
+    q = torch.softmax(s, -1).detach()
+    expected_grad = torch.zeros_like(s)
+    for x in range(V):
+        xs = torch.full((B, T), x)
+        lp = F.log_softmax(teacher, -1)[..., x]
+        (g,) = torch.autograd.grad(sampled_token_loss(s, xs, lp, mask), s)
+        expected_grad += q[..., x:x + 1] * g
+    reverse_kl = (torch.softmax(s, -1) * (F.log_softmax(s, -1) - F.log_softmax(teacher, -1))).sum(-1)
+    (exact,) = torch.autograd.grad((reverse_kl * mask).sum() / mask.sum(), s)
+    assert torch.allclose(expected_grad, exact, atol=1e-5)
+    assert sampled_token_loss(student, tokens, teacher_lp, torch.zeros(B, T, dtype=torch.bool)).item() == 0.0

@@ -14,7 +14,8 @@ from backpack.config import TeacherConfig, validate_config
 from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.errors import ConfigError, TeacherError
-from backpack.teachers.openai import EndpointError, OpenAITeacher, parse_response, request_body
+from backpack.teachers.openai import (EndpointError, OpenAITeacher, parse_response, parse_scores, request_body,
+                                      score_body)
 from backpack.teachers.ratelimit import RateLimiter, backoff_s
 
 from conftest import EXAMPLES
@@ -50,6 +51,31 @@ def test_parse_response_choices_usage_logprobs_and_garbage():
     for garbage in ({"error": "nope"}, {"choices": []}, {"choices": [{"message": {"content": None}}]}, "<html>"):
         with pytest.raises(EndpointError, match="not a chat completion|no choices"):
             parse_response(query, garbage, "t", "t/0", "fp")
+
+
+def test_scoring_requests_and_answers_as_a_vllm_server_gives_them():
+    query = Query(messages=[{"role": "user", "content": "hi"}], decoding=DecodingParams(logprobs=2), score_ids=[7, 8])
+    body = score_body([1, 2, 3], query, "m")
+    assert (body["prompt"], body["echo"], body["max_tokens"], body["logprobs"]) == ([1, 2, 3, 7, 8], True, 0, 2)
+    entry = lambda lp, rank: {"logprob": lp, "rank": rank, "decoded_token": "x"}  # noqa: E731
+    payload = {"choices": [{"text": "...", "prompt_logprobs": [
+        None, {"2": entry(-1.0, 1)}, {"3": entry(-2.0, 1)},
+        {"7": entry(-0.5, 1), "9": entry(-1.5, 2)},                        # the scored token is the top one
+        {"4": entry(-0.1, 1), "5": entry(-3.0, 2), "8": entry(-4.0, 7)}]}]}  # ... or outside the top k
+    c = parse_scores(query, payload, 3, "t", "t/0", "fp")
+    assert c.token_ids == [7, 8] and c.token_logprobs == [-0.5, -4.0]
+    assert c.top_ids == [[7, 9], [4, 5]] and c.top_logprobs == [[-0.5, -1.5], [-0.1, -3.0]]
+    for garbage in ({"choices": [{"text": "no logprobs"}]}, {"choices": [{"prompt_logprobs": [None] * 4}]}, "<html>"):
+        with pytest.raises(EndpointError, match="no prompt logprobs to score with"):
+            parse_scores(query, garbage, 3, "t", "t/0", "fp")
+
+
+def test_an_endpoint_that_cannot_score_says_so_naming_the_teacher():
+    t = OpenAITeacher(TeacherConfig(name="api", backend="openai", model="m",
+                                    endpoint={"base_url": "http://127.0.0.1:9/v1"}))
+    scoring = Query(messages=[{"role": "user", "content": "hi"}], score_ids=[1, 2])
+    with pytest.raises(TeacherError, match="teacher 'api' .openai at http://127.0.0.1:9/v1. cannot score"):
+        t.generate(queries_to_table([scoring]))
 
 
 def test_rate_limiter_holds_requests_and_tokens_to_their_budgets():

@@ -141,6 +141,16 @@ def test_a_vllm_teacher_answers_with_ids_and_logprobs_and_its_dead_engine_loses_
             assert all(len(ids) == 25 for ids in r["top_ids"])
             assert r["top_logprobs"][0] == sorted(r["top_logprobs"][0], reverse=True)
             assert r["token_logprobs"][0] <= r["top_logprobs"][0][0] + 1e-4
+        # scoring its own answers gives back the logprobs it wrote them with, token for token (prompt logprobs)
+        written = data.to_pylist()[:4]
+        scoring = [Query(messages=r["messages"], decoding=DecodingParams(logprobs=5), score_ids=r["token_ids"])
+                   for r in written]
+        scored = ray_session.get(pool.replicas[0].actor.generate.remote(queries_to_table(scoring))).to_pylist()
+        assert [r["query_id"] for r in scored] == [q.id for q in scoring]
+        for w, r in zip(written, scored):
+            assert r["status"] == "ok" and r["token_ids"] == w["token_ids"] and r["replica"] == "fast/0"
+            assert r["token_logprobs"] == pytest.approx(w["token_logprobs"], abs=1e-3)
+            assert r["top_ids"] == [ids[:5] for ids in w["top_ids"]] and all(len(t) == 5 for t in r["top_logprobs"])
         # seeded sampling is reproducible whatever the batch; greedy agrees with the hf teacher's first words
         seeded = _queries(1, max_new_tokens=10, temperature=0.9, seed=5)
         alone = ray_session.get(pool.replicas[0].actor.generate.remote(queries_to_table(seeded)))
@@ -208,11 +218,12 @@ def vllm_server(smol_dir):
 
 @needs_vllm
 @pytest.mark.integration
-def test_openai_teacher_on_vllms_own_server(vllm_server):
+def test_openai_teacher_on_vllms_own_server(vllm_server, smol_dir):
     """The openai backend against a real vLLM server: answers, usage, per-token logprobs; n=2 seeded samples;
     a prompt longer than the server's context fails alone with the server's words; an unknown model name is a
     TeacherError (another teacher would get the batch)."""
     from backpack.errors import TeacherError
+    from backpack.teachers.hf import HFTeacher
     from backpack.teachers.openai import OpenAITeacher
 
     teacher = OpenAITeacher(TeacherConfig(name="remote", backend="openai", model="smol",
@@ -228,6 +239,18 @@ def test_openai_teacher_on_vllms_own_server(vllm_server):
     assert sorted(r["sample_index"] for r in ok if r["query_id"] == qs[4].id) == [0, 1]
     failed = [r for r in rows if r["status"] == "failed"]
     assert [r["query_id"] for r in failed] == [qs[5].id] and "400" in failed[0]["error"]
+    # scoring through vLLM's server (endpoint.scoring: vllm) gives what a plain forward of the model gives
+    scorer = OpenAITeacher(TeacherConfig(name="remote", backend="openai", model="smol",
+                                         endpoint={"base_url": vllm_server, "scoring": "vllm"}))
+    hf = HFTeacher(TeacherConfig(name="plain", model=smol_dir, threads=1))
+    given = [Query(messages=q.messages, decoding=DecodingParams(logprobs=3), score_ids=r["token_ids"])
+             for q, r in zip(qs[:2], hf.generate(queries_to_table(qs[:2])).to_pylist())]
+    scored = scorer.generate(queries_to_table(given)).to_pylist()
+    plain = hf.generate(queries_to_table(given)).to_pylist()
+    for s, p in zip(scored, plain):
+        assert s["status"] == "ok" and s["token_ids"] == p["token_ids"] and len(s["top_ids"]) == len(p["top_ids"])
+        assert s["token_logprobs"] == pytest.approx(p["token_logprobs"], abs=5e-3)
+        assert [t[0] for t in s["top_ids"]] == [t[0] for t in p["top_ids"]]
     stranger = OpenAITeacher(TeacherConfig(name="remote", backend="openai", model="no-such-model",
                                            endpoint={"base_url": vllm_server, "max_retries": 0}))
     with pytest.raises(TeacherError) as e:

@@ -30,6 +30,10 @@ class EndpointConfig(Section):
     backoff_s: float = Field(0.5, gt=0, le=60, description=(
         "first retry delay; it doubles each retry, with jitter, and is at least the server's Retry-After"))
     timeout_s: float = Field(120.0, gt=0, description="seconds for one request")
+    scoring: Literal["none", "vllm"] = Field("none", description=(
+        "how the endpoint scores a completion it did not write (on-policy distillation): vllm: a vLLM server "
+        "(its /tokenize renders the chat, /v1/completions with echo returns the prompt logprobs); none: it "
+        "cannot, and on-policy objectives refuse the teacher"))
 
     @field_validator("base_url")
     @classmethod

@@ -80,6 +80,26 @@ def topk_divergence(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
     return (per_pos * mask).sum() / n
 
 
+def sampled_token_loss(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_token_logprobs: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """On-policy distillation's sampled-token form: on tokens the student sampled itself, each position's reward
+    is the teacher's logprob of the token minus the student's (r_t = log p(x_t) - log q(x_t), held constant), and
+    the loss is -r_t log q(x_t), a policy gradient with the teacher as a per-token reward. In expectation over
+    the student's samples its gradient is that of the full-vocabulary reverse KL(q || p), from one logprob per
+    token of the teacher's (no top-k needed).
+
+    student_logits [B, T, V]; tokens [B, T] int64 (the sampled tokens); teacher_token_logprobs [B, T] (log p of
+    those tokens); mask [B, T] bool, True where a position counts. Returns the mean over masked positions.
+    """
+    log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    reward = (teacher_token_logprobs.float() - log_q).detach()
+    mask = mask.bool()
+    n = mask.sum()
+    if n == 0:
+        return student_logits.sum() * 0.0
+    return -(reward * log_q * mask).sum() / n
+
+
 def distill_loss(ce: torch.Tensor, kd: torch.Tensor, kd_weight: float) -> torch.Tensor:
     """The weighted mix: kd_weight * kd + (1 - kd_weight) * ce. kd_weight 0 is pure SFT, 1 pure KD."""
     if not 0.0 <= kd_weight <= 1.0:

@@ -15,7 +15,9 @@ import pyarrow as pa
 from backpack.core.types import Completion, DecodingParams, Query
 
 # 2: the recall columns (context, recalled_ids, knowledge_version); shards of version 1 read with them null.
-SCHEMA_VERSION = 2
+# 3: score_ids and student_version (on-policy rows: a teacher's scores of a student's sample); older shards read
+# with them null (rows the teacher wrote).
+SCHEMA_VERSION = 3
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 DECODING_TYPE = pa.struct([
@@ -40,6 +42,10 @@ QUERY_FIELDS = [
     pa.field("context", pa.string()),
     pa.field("recalled_ids", pa.list_(pa.string())),
     pa.field("knowledge_version", pa.int64()),
+    # On-policy rows: the completion (token ids) the teacher scored rather than wrote, and the student version
+    # that sampled it (both null for answers the teacher wrote).
+    pa.field("score_ids", pa.list_(pa.int32())),
+    pa.field("student_version", pa.int64()),
 ]
 
 COMPLETION_FIELDS = [
@@ -76,6 +82,8 @@ def _query_row(q: Query) -> dict:
         "context": q.context,
         "recalled_ids": list(q.recalled_ids),
         "knowledge_version": q.knowledge_version,
+        "score_ids": None if q.score_ids is None else list(q.score_ids),
+        "student_version": q.student_version,
     }
 
 
@@ -91,7 +99,8 @@ def table_to_queries(table: pa.Table) -> list[Query]:
         out.append(Query(messages=row["messages"], decoding=DecodingParams(**row["decoding"]), task=row["task"],
                          id=row["query_id"], teacher=row["requested_teacher"], context=row["context"],
                          recalled_ids=list(row["recalled_ids"] or []),
-                         knowledge_version=row["knowledge_version"]))
+                         knowledge_version=row["knowledge_version"], score_ids=row["score_ids"],
+                         student_version=row["student_version"]))
     return out
 
 
@@ -121,7 +130,7 @@ def failed_table(queries_table: pa.Table, teacher: str, error: str, replica: str
 
 
 # Columns added after schema version 1: a table without them gets them as nulls (older shards stay readable).
-_ADDED = ("context", "recalled_ids", "knowledge_version")
+_ADDED = ("context", "recalled_ids", "knowledge_version", "score_ids", "student_version")
 
 
 def with_added_columns(table: pa.Table, schema: pa.Schema = DATASET_SCHEMA) -> pa.Table:

@@ -56,15 +56,28 @@ class Query:
     context: Optional[str] = None
     recalled_ids: list[str] = field(default_factory=list)
     knowledge_version: Optional[int] = None
+    # A completion someone else wrote (token ids in the teacher's tokenizer) for the teacher to score instead of
+    # writing one: on-policy distillation sends the student's samples. The Completion carries these ids with
+    # the teacher's logprob of each and its top-k (`decoding.logprobs` of them). Part of the id.
+    score_ids: Optional[list[int]] = None
+    student_version: Optional[int] = None  # the student version that wrote score_ids (None: not a student's)
 
     def __post_init__(self):
         if not self.id:
-            self.id = query_id(self.messages, self.task, self.decoding, self.teacher)
+            self.id = query_id(self.messages, self.task, self.decoding, self.teacher, self.score_ids)
+
+    @property
+    def scoring(self) -> bool:
+        """Whether the teacher scores `score_ids` (else it writes an answer)."""
+        return self.score_ids is not None
 
 
-def query_id(messages: list[dict], task: str, decoding: DecodingParams, teacher: Optional[str] = None) -> str:
-    """A content hash, so the same prompt with the same decoding gets the same id across runs (resume)."""
-    payload = json.dumps([messages, task, asdict(decoding), teacher], sort_keys=True, ensure_ascii=False)
+def query_id(messages: list[dict], task: str, decoding: DecodingParams, teacher: Optional[str] = None,
+             score_ids: Optional[list[int]] = None) -> str:
+    """A content hash, so the same prompt with the same decoding gets the same id across runs (resume); a
+    completion to score is part of it (the ids of prompts to answer are as they always were)."""
+    parts = [messages, task, asdict(decoding), teacher] + ([list(score_ids)] if score_ids is not None else [])
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return "q" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
 
 

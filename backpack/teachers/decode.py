@@ -91,7 +91,7 @@ AttentionMaskInterface.register(CPU_GQA_ATTENTION, sdpa_mask)  # the same masks 
 
 
 @contextmanager
-def _cpu_attention(model):
+def cpu_attention(model):
     """Run `model` with CPU_GQA_ATTENTION for the duration, when it is on CPU with sdpa attention."""
     before = model.config._attn_implementation
     if before != "sdpa" or model.device.type != "cpu":
@@ -150,7 +150,7 @@ def decode_batch(model, input_ids: torch.Tensor, attention: torch.Tensor, p: Dec
     order = prefill_order(prompts)
     leased = buffers is not None and buffers.lock.acquire(blocking=False)
     try:
-        with _cpu_attention(model):
+        with cpu_attention(model):
             return _decode(model, input_ids[order], [prompts[r] for r in order], p, stop_ids, prefill_rows,
                            share_prefix, order, out, buffers if leased else None)
     finally:

@@ -1,5 +1,6 @@
 """The `hf` teacher: a transformers causal LM answering batches of chat Queries.
 
+Queries that carry a completion to score (`score_ids`) are scored by `teachers/score.py`, the rest written.
 Batches are left-padded; Queries with identical decoding parameters share one `generate` call, in chunks of
 `batch_size` cut from the Queries sorted by prompt length (length bucketing: each chunk pads its prompts to
 similar widths, so less compute goes to padding). A Query with a fixed seed is generated on its own so its
@@ -18,11 +19,12 @@ from backpack.config import TeacherConfig
 from backpack.core.chat import encode_chat, with_context
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import ModelNotFoundError, TeacherError
-from backpack.teachers.base import TeacherBase
+from backpack.teachers.base import TeacherBase, in_query_order, split_scoring
 from backpack.teachers.decode import decode_batch, generate_batch, left_pad, supports
 from backpack.teachers.kvcache import KVBuffers
 from backpack.teachers.loader import ResolvedModel, resolve_model
 from backpack.teachers.packed import pack_linears
+from backpack.teachers.score import score_batch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,8 +106,9 @@ class HFTeacher(TeacherBase):
     def answer(self, queries: list[Query]) -> list[Completion]:
         return self._on_torch_thread(self._answer, queries)
 
-    def _answer(self, qs: list[Query]) -> list[Completion]:
-        completions: list[Completion] = []
+    def _answer(self, queries: list[Query]) -> list[Completion]:
+        qs, scored = split_scoring(queries)
+        completions: list[Completion] = self._score(scored) if scored else []
         encoded: dict[str, list[int]] = {}
         groups: dict[str, list[Query]] = defaultdict(list)
         for q in qs:
@@ -135,9 +138,43 @@ class HFTeacher(TeacherBase):
             raise TeacherError(self.replica, f"out of memory on {self.device}: {e}") from None
         except RuntimeError as e:
             raise TeacherError(self.replica, f"{type(e).__name__}: {e}") from None
-        order = {q.id: i for i, q in enumerate(qs)}
-        completions.sort(key=lambda c: order[c.query_id])  # stable: a Query's samples stay in sample order
-        return completions
+        return in_query_order(queries, completions)
+
+    def _score(self, qs: list[Query]) -> list[Completion]:
+        """Completions holding each Query's score_ids with this model's logprobs of them (teachers/score.py), in
+        chunks of batch_size cut from the Queries sorted by length."""
+        out, encoded = [], {}
+        for q in qs:
+            ids = self._encode(q)
+            if len(ids) + len(q.score_ids) > self.context:
+                out.append(self._failed(q, f"prompt ({len(ids)} tokens) and completion to score "
+                                           f"({len(q.score_ids)} tokens) exceed the model context of "
+                                           f"{self.context} tokens"))
+            else:
+                encoded[q.id] = ids
+        todo = sorted((q for q in qs if q.id in encoded), key=lambda q: len(encoded[q.id]) + len(q.score_ids))
+        try:
+            for start in range(0, len(todo), self.cfg.batch_size):
+                chunk = todo[start:start + self.cfg.batch_size]
+                k = max(q.decoding.logprobs for q in chunk)
+                t0 = time.perf_counter()
+                s = score_batch(self.model, [encoded[q.id] for q in chunk], [list(q.score_ids) for q in chunk], k,
+                                self.tokenizer.pad_token_id, buffers=self._kv)
+                latency = time.perf_counter() - t0
+                for i, q in enumerate(chunk):
+                    kq = q.decoding.logprobs  # a chunk computes its largest k; each Query keeps its own
+                    out.append(Completion(
+                        query_id=q.id, teacher=self.name, text=self.tokenizer.decode(q.score_ids,
+                                                                                     skip_special_tokens=True),
+                        token_ids=list(q.score_ids), replica=self.replica, model_fingerprint=self.resolved.fingerprint,
+                        prompt_tokens=len(encoded[q.id]), latency_s=latency, token_logprobs=s.chosen[i],
+                        top_ids=[t[:kq] for t in s.top_ids[i]] if kq else [],
+                        top_logprobs=[t[:kq] for t in s.top_logprobs[i]] if kq else []))
+        except torch.OutOfMemoryError as e:
+            raise TeacherError(self.replica, f"out of memory on {self.device} while scoring: {e}") from None
+        except RuntimeError as e:
+            raise TeacherError(self.replica, f"{type(e).__name__} while scoring: {e}") from None
+        return out
 
     # ------------------------------------------------------------------ internals
 

@@ -44,12 +44,14 @@ return 0
 
 def ledger_key(fingerprint: str, q: Query) -> Optional[str]:
     """The ledger key of Query `q` at the teacher with model `fingerprint`; None when the answer must not be
-    reused (unseeded sampling)."""
+    reused (unseeded sampling). A score depends on the completion scored, never on sampling: always kept."""
     d = q.decoding
-    if not d.greedy and d.seed is None:
+    if not q.scoring and not d.greedy and d.seed is None:
         return None
-    payload = json.dumps([fingerprint, with_context(q.messages, q.context), asdict(d)], sort_keys=True,
-                         ensure_ascii=False)
+    parts = [fingerprint, with_context(q.messages, q.context), asdict(d)]
+    if q.scoring:
+        parts.append(["score", list(q.score_ids)])
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return f"{PREFIX}:{hashlib.sha256(payload.encode('utf-8')).hexdigest()[:32]}"
 
 

@@ -10,7 +10,9 @@ parameter) makes that Query's row failed with the server's words; what it says a
 scheduler sends the batch to another teacher and nothing is lost.
 
 The endpoint's tokenizer is unknown here: rows carry the answer's text (and the chosen tokens' logprobs when
-the server returns them), not token ids, so students learn from them at the sequence level.
+the server returns them), not token ids, so students learn from them at the sequence level. Scoring a completion
+(on-policy distillation) needs token ids on both sides, which only a vLLM server gives (`endpoint.scoring:
+vllm`: its /tokenize and the prompt logprobs of /v1/completions with echo); other endpoints refuse to score.
 """
 
 from __future__ import annotations
@@ -87,6 +89,37 @@ def parse_response(q: Query, payload, teacher: str, replica: str, fingerprint: s
     return out
 
 
+def score_body(prompt_ids: list[int], q: Query, model: str) -> dict:
+    """The completions request that has a vLLM server score q.score_ids after the prompt's tokens (pure): echo
+    with no new tokens, so the answer holds the prompt logprobs of every position."""
+    return {"model": model, "prompt": list(prompt_ids) + list(q.score_ids), "max_tokens": 0, "echo": True,
+            "logprobs": q.decoding.logprobs, "temperature": 0.0}
+
+
+def parse_scores(q: Query, payload, prompt_len: int, teacher: str, replica: str, fingerprint: str) -> Completion:
+    """A vLLM completions answer with prompt logprobs -> the Completion scoring q.score_ids (pure): each position
+    holds {token id: {logprob, rank}} for the top k and the token itself. EndpointError if it holds no such
+    thing (a server that is not vLLM)."""
+    tokens, k = list(q.score_ids), q.decoding.logprobs
+    try:
+        positions = payload["choices"][0]["prompt_logprobs"][prompt_len:]
+        if len(positions) != len(tokens):
+            raise ValueError(f"{len(positions)} positions scored for {len(tokens)} tokens")
+        chosen, top_ids, top_lps = [], [], []
+        for tok, pos in zip(tokens, positions):
+            entries = sorted(((int(tid), e) for tid, e in pos.items()), key=lambda kv: kv[1]["rank"])
+            chosen.append(float(pos[str(tok)]["logprob"]))
+            best = [(tid, float(e["logprob"])) for tid, e in entries if e["rank"] <= k][:k]
+            top_ids.append([tid for tid, _ in best])
+            top_lps.append([lp for _, lp in best])
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise EndpointError(f"the endpoint's answer holds no prompt logprobs to score with ({type(e).__name__}: "
+                            f"{e}): is it a vLLM server? (endpoint.scoring: vllm)") from None
+    return Completion(query_id=q.id, teacher=teacher, token_ids=tokens, replica=replica,
+                      model_fingerprint=fingerprint, prompt_tokens=prompt_len, token_logprobs=chosen,
+                      top_ids=top_ids if k else [], top_logprobs=top_lps if k else [])
+
+
 def _server_message(resp) -> str:
     try:
         err = resp.json().get("error")
@@ -106,7 +139,6 @@ class OpenAITeacher(TeacherBase):
             raise TeacherError(cfg.name, "backend 'openai' needs an endpoint: section (base_url, ...)")
         self.cfg, self.ep, self.name, self.replica = cfg, ep, cfg.name, replica or cfg.name
         self.url = ep.base_url.rstrip("/") + "/chat/completions"
-        self.shown_url = redact(self.url)  # what errors and logs name: a secret query parameter masked
         self.headers = {"Content-Type": "application/json"}
         if ep.api_key_env:
             key = os.environ.get(ep.api_key_env)
@@ -152,18 +184,24 @@ class OpenAITeacher(TeacherBase):
 
     def _answer(self, q: Query):
         """The Query's Completions, or the EndpointError that ended its tries."""
+        if q.scoring:
+            return self._with_retries(q, self._score, len(q.score_ids) + sum(
+                len(str(m.get("content", ""))) for m in with_context(q.messages, q.context)) / 4)
         body = request_body(q, self.cfg.model)
         # admitted by the tokens-per-minute limit on an estimate: ~4 characters a token in, the most it may write
         estimate = sum(len(str(m.get("content", ""))) for m in body["messages"]) / 4 + q.decoding.max_new_tokens
+        return self._with_retries(q, lambda q: self._post(q, body), estimate * q.decoding.n)
+
+    def _with_retries(self, q: Query, call, estimate: float):
         err = None
         for attempt in range(self.ep.max_retries + 1):
             if attempt:
                 self._count("retries")
                 time.sleep(backoff_s(attempt - 1, self.ep.backoff_s, retry_after_s=err.retry_after))
-            self.limiter.acquire(estimate * q.decoding.n)
+            self.limiter.acquire(estimate)
             t0 = time.perf_counter()
             try:
-                out = self._post(q, body)
+                out = call(q)
             except EndpointError as e:
                 err = e
                 if e.retry:
@@ -175,23 +213,45 @@ class OpenAITeacher(TeacherBase):
         return EndpointError(f"gave up after {self.ep.max_retries} retries: {err}", retry=True)
 
     def _post(self, q: Query, body: dict) -> list[Completion]:
+        return parse_response(q, self._request(self.url, body), self.name, self.replica, self.fingerprint)
+
+    def _score(self, q: Query) -> list[Completion]:
+        """q.score_ids scored by a vLLM server: the chat rendered to token ids by its /tokenize, then those ids
+        and the completion's sent to /completions with echo, whose prompt logprobs are the scores."""
+        if self.ep.scoring != "vllm":
+            raise EndpointError(f"teacher {self.name!r} (openai at {redact(self.ep.base_url)}) cannot score "
+                                "completions: only a vLLM server can (endpoint.scoring: vllm)", fatal=True)
+        root = self.ep.base_url.rstrip("/").removesuffix("/v1")
+        rendered = self._request(f"{root}/tokenize", {"model": self.cfg.model, "add_generation_prompt": True,
+                                                      "messages": with_context(q.messages, q.context)})
+        try:
+            prompt = [int(t) for t in rendered["tokens"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise EndpointError(f"{redact(root)}/tokenize answered without token ids ({type(e).__name__}): is it "
+                                "a vLLM server? (endpoint.scoring: vllm)") from None
+        payload = self._request(self.url.removesuffix("/chat/completions") + "/completions",
+                                score_body(prompt, q, self.cfg.model))
+        return [parse_scores(q, payload, len(prompt), self.name, self.replica, self.fingerprint)]
+
+    def _request(self, url: str, body: dict):
+        """POST `body` to `url`; the answer's JSON, or the EndpointError that says what went wrong."""
         import requests
 
+        shown = redact(url)
         self._count("requests")
         try:
-            resp = self.session.post(self.url, json=body, headers=self.headers, timeout=self.ep.timeout_s)
+            resp = self.session.post(url, json=body, headers=self.headers, timeout=self.ep.timeout_s)
         except requests.Timeout:
-            raise EndpointError(f"no answer from {self.shown_url} within {self.ep.timeout_s} s", retry=True) from None
+            raise EndpointError(f"no answer from {shown} within {self.ep.timeout_s} s", retry=True) from None
         except requests.ConnectionError as e:
-            raise EndpointError(f"cannot reach {self.shown_url}: {type(e).__name__}", retry=True) from None
+            raise EndpointError(f"cannot reach {shown}: {type(e).__name__}", retry=True) from None
         if resp.status_code == 200:
             try:
-                payload = resp.json()
+                return resp.json()
             except ValueError:
                 raise EndpointError(f"the endpoint answered 200 with something that is not JSON: "
                                     f"{resp.text[:200]!r}") from None
-            return parse_response(q, payload, self.name, self.replica, self.fingerprint)
-        message = f"{self.shown_url} answered {resp.status_code}: {_server_message(resp)}"
+        message = f"{shown} answered {resp.status_code}: {_server_message(resp)}"
         if resp.status_code in RETRY_STATUS:
             after = resp.headers.get("Retry-After")
             raise EndpointError(message, retry=True,

@@ -10,7 +10,8 @@ Prompts are encoded by the same `encode_chat` as the `hf` teacher and the studen
 ids, so rows carry token ids in the model's own tokenizer (token-level KD works as with `hf`). Each Query gets its
 own SamplingParams (its seed included), so one engine call serves a batch of mixed decodings and a seeded answer
 does not depend on its batch-mates. Logprobs are vLLM's raw logprobs (the model's distribution at temperature 1),
-as the `hf` teacher returns.
+as the `hf` teacher returns. A Query with a completion to score is sent as prompt + completion, and its scores
+are vLLM's prompt logprobs of the completion's positions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from backpack.config import TeacherConfig
 from backpack.core.chat import encode_chat, with_context
 from backpack.core.types import LENGTH, STOP, Completion, DecodingParams, Query
 from backpack.errors import InputError, TeacherDeadError, TeacherError
-from backpack.teachers.base import TeacherBase
+from backpack.teachers.base import TeacherBase, in_query_order
 from backpack.teachers.loader import resolve_model
 
 INSTALL_HINT = ('backend vllm needs vLLM in the teacher\'s Python: pip install "backpack[vllm]" on a GPU node, '
@@ -122,34 +123,56 @@ class VLLMTeacher(TeacherBase):
                 "fingerprint": self.fingerprint, "device": self.device, "context": self.context,
                 "max_logprobs": self.cfg.vllm.max_logprobs}
 
-    def answer(self, qs: list[Query]) -> list[Completion]:
+    def answer(self, queries: list[Query]) -> list[Completion]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         completions: list[Completion] = []
         accepted: list[tuple[Query, list[int]]] = []
-        for q in qs:
+        for q in queries:
             ids = encode_chat(self.tokenizer, with_context(q.messages, q.context))
-            if len(ids) + q.decoding.max_new_tokens > self.context:
-                c = Completion.failed(q.id, self.name, f"prompt is {len(ids)} tokens; with max_new_tokens "
-                                      f"{q.decoding.max_new_tokens} it exceeds the engine's context of "
-                                      f"{self.context} tokens (vllm.max_model_len)", self.replica)
+            extra = len(q.score_ids) if q.scoring else q.decoding.max_new_tokens
+            if len(ids) + extra > self.context:
+                what = (f"with a completion to score of {extra} tokens" if q.scoring
+                        else f"with max_new_tokens {extra}")
+                c = Completion.failed(q.id, self.name, f"prompt is {len(ids)} tokens; {what} it exceeds the "
+                                      f"engine's context of {self.context} tokens (vllm.max_model_len)", self.replica)
                 c.model_fingerprint = self.fingerprint
                 completions.append(c)
             else:
                 accepted.append((q, ids))
         if accepted:
-            t0 = time.perf_counter()
-            try:
-                outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for _, ids in accepted],
-                                         [SamplingParams(**sampling_kwargs(q.decoding)) for q, _ in accepted],
-                                         use_tqdm=False)
-            except Exception as e:  # noqa: BLE001 - the engine's failures come in many types; sort them here
-                raise self._engine_error(e) from None
-            latency = time.perf_counter() - t0
+            # A completion to score is sent after its prompt, and vLLM's prompt logprobs of its positions are the
+            # scores (one token is generated, as vLLM must, and dropped)
+            params = [SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=q.decoding.logprobs)
+                      if q.scoring else SamplingParams(**sampling_kwargs(q.decoding)) for q, _ in accepted]
+            outs, latency = self._generate([ids + list(q.score_ids or []) for q, ids in accepted], params)
             for (q, ids), out in zip(accepted, outs):
-                completions += [self._completion(q, len(ids), o, latency) for o in out.outputs]
-        return completions
+                if q.scoring:
+                    completions.append(self._scored(q, ids, out, latency))
+                else:
+                    completions += [self._completion(q, len(ids), o, latency) for o in out.outputs]
+        return in_query_order(queries, completions)
+
+    def _generate(self, token_ids: list[list[int]], params: list) -> tuple[list, float]:
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.perf_counter()
+        try:
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params,
+                                     use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - the engine's failures come in many types; sort them here
+            raise self._engine_error(e) from None
+        return outs, time.perf_counter() - t0
+
+    def _scored(self, q: Query, prompt: list[int], out, latency: float) -> Completion:
+        tokens = list(q.score_ids)
+        chosen, top_ids, top_lps = split_logprobs(out.prompt_logprobs[len(prompt):], tokens, q.decoding.logprobs)
+        return Completion(query_id=q.id, teacher=self.name, text=self.tokenizer.decode(tokens,
+                                                                                      skip_special_tokens=True),
+                          token_ids=tokens, replica=self.replica, model_fingerprint=self.fingerprint,
+                          prompt_tokens=len(prompt), latency_s=latency, token_logprobs=chosen,
+                          top_ids=top_ids if q.decoding.logprobs else [],
+                          top_logprobs=top_lps if q.decoding.logprobs else [])
 
     def _engine_error(self, e: Exception) -> TeacherError:
         """A dead engine (it will not answer again) -> TeacherDeadError, so the replica is retired; anything else
