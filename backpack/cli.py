@@ -51,7 +51,7 @@ def cmd_validate(args) -> int:
     from backpack.runtime.redis_server import redact
 
     cfg = load_config(args.config, args.overrides)
-    shown = cfg.model_dump()
+    shown = cfg.model_dump(by_alias=True)  # as the file spells its fields (on_policy.lambda)
     # URLs may carry credentials (a Redis password, S3 keys in a query string): never echoed
     if shown["redis"].get("url"):
         shown["redis"]["url"] = redact(shown["redis"]["url"])

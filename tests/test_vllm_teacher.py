@@ -251,6 +251,9 @@ def test_openai_teacher_on_vllms_own_server(vllm_server, smol_dir):
         assert s["status"] == "ok" and s["token_ids"] == p["token_ids"] and len(s["top_ids"]) == len(p["top_ids"])
         assert s["token_logprobs"] == pytest.approx(p["token_logprobs"], abs=5e-3)
         assert [t[0] for t in s["top_ids"]] == [t[0] for t in p["top_ids"]]
+    from backpack.student.preflight import PROBE  # how preflight checks the server shares the student's tokenizer
+
+    assert scorer.tokenize(PROBE) == hf.tokenizer(PROBE, add_special_tokens=False)["input_ids"]
     stranger = OpenAITeacher(TeacherConfig(name="remote", backend="openai", model="no-such-model",
                                            endpoint={"base_url": vllm_server, "max_retries": 0}))
     with pytest.raises(TeacherError) as e:

@@ -25,10 +25,10 @@ from backpack.config.run import RunConfig
 from backpack.config.scheduling import EnsembleConfig, SchedulerConfig
 from backpack.config.serve import ServeConfig
 from backpack.config.storage import StorageConfig
-from backpack.config.student import ContinualConfig, StudentConfig, TrainingConfig
+from backpack.config.student import ContinualConfig, OnPolicyConfig, StudentConfig, TrainingConfig
 from backpack.config.teachers import BUILT_BACKENDS, EndpointConfig, LedgerConfig, TeacherConfig, VLLMConfig
 
 __all__ = ["BUILT_BACKENDS", "DEFAULT_MODEL", "ContinualConfig", "DecodingConfig", "EndpointConfig", "EnsembleConfig",
-           "EvalConfig", "LedgerConfig", "MentalConfig", "PromptsConfig", "RayConfig", "RedisConfig", "RunConfig",
-           "SchedulerConfig", "Section", "ServeConfig", "StorageConfig", "StudentConfig", "TeacherConfig",
+           "EvalConfig", "LedgerConfig", "MentalConfig", "OnPolicyConfig", "PromptsConfig", "RayConfig", "RedisConfig",
+           "RunConfig", "SchedulerConfig", "Section", "ServeConfig", "StorageConfig", "StudentConfig", "TeacherConfig",
            "TrainingConfig", "VLLMConfig", "apply_overrides", "load_config", "looks_like_path", "validate_config"]

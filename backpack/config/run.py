@@ -88,6 +88,21 @@ class RunConfig(Section):
                              "decoding.logprobs >= 1 (teachers return them only then)")
         return self
 
+    @model_validator(mode="after")
+    def _teachers_can_score(self):
+        """On-policy training has the teachers score the student's samples: a teacher that cannot (an endpoint
+        that returns no prompt logprobs) is refused here, not at its first step."""
+        if self.training.objective == "off_policy":
+            return self
+        cannot = [t.name for t in self.teachers
+                  if t.backend == "openai" and (t.endpoint is None or t.endpoint.scoring == "none")]
+        if cannot:
+            raise ValueError(f"training.objective {self.training.objective} has the teachers score the student's "
+                             f"samples, but teacher(s) {', '.join(cannot)} (backend openai) cannot: only a vLLM "
+                             "server returns the logprobs of a given text (set their endpoint.scoring: vllm if "
+                             "they are one), or use off_policy")
+        return self
+
     # ------------------------------------------------------------------ sections
 
     def given(self, section: str) -> bool:

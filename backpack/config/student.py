@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from backpack.config.base import DEFAULT_MODEL, Section
 from backpack.core.resources import Group, bundle, check_custom_resources
@@ -29,6 +29,24 @@ class StudentConfig(Section):
         if self.layers is not None and self.mode == "lora":
             raise ValueError("a student with a subset of its base's layers is trained in full: set mode: full")
         return self
+
+
+class OnPolicyConfig(Section):
+    """On-policy distillation (training.objective on_policy or mixed): the student samples answers to the run's
+    prompts, the teachers score every token of them, and the student learns from its own samples."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    lambda_: float = Field(0.5, alias="lambda", ge=0, le=1, description=(
+        "objective mixed: the share of optimizer steps trained on the student's own scored samples (GKD's "
+        "lambda); the others train on the teachers' stored answers"))
+    loss: Literal["reverse_kl", "sampled"] = Field("reverse_kl", description=(
+        "reverse_kl: KL(student || teacher) on the teacher's top-k at each sampled position (training.top_k, "
+        "with the tail bucket); sampled: the teacher's minus the student's logprob of each sampled token as its "
+        "reward (needs no top-k)"))
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="longest answer the student samples")
+    temperature: float = Field(1.0, gt=0, le=5, description="the student's sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="the student's nucleus sampling (1: off)")
 
 
 class TrainingConfig(Section):
@@ -58,6 +76,10 @@ class TrainingConfig(Section):
     on_tokenizer_mismatch: Literal["error", "sequence_level"] = Field("error", description=(
         "token-level KD needs teacher and student to share a tokenizer: `error` refuses a mismatched run, "
         "`sequence_level` falls back to SFT on the teacher's text"))
+    objective: Literal["off_policy", "on_policy", "mixed"] = Field("off_policy", description=(
+        "off_policy: learn the teachers' stored answers; on_policy: the student writes, the teachers score "
+        "(the teachers run beside the trainer); mixed: on_policy.lambda of the steps on-policy, the rest off"))
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="on-policy sampling and loss")
     log_every: int = Field(5, ge=1, description="steps between metrics lines")
     checkpoint_every: int = Field(20, ge=1, description="steps between checkpoints (each becomes a student version)")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")

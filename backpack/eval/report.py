@@ -52,6 +52,17 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
         lines += ["", "## Teacher incidents", "",
                   "Replicas that could not start or died; their prompts went to other replicas."] + \
             [""] + format_incidents(extra["incidents"])
+    if extra.get("on_policy"):
+        op = extra["on_policy"]
+        lines += ["", "## On-policy training", "",
+                  f"- batches: {op['on_policy_batches']} on the student's own samples, {op['off_policy_batches']} "
+                  "on the teachers' answers",
+                  f"- samples scored by the teachers: {op['scored_samples']} ({op['scored_tokens']} teacher tokens "
+                  f"scored; {op['reused_scores']} stored scores reused, {op['failed_scores']} failed)"]
+        for s in op.get("samples", []):
+            lines += ["", f"**Prompt:** {s['prompt']}", "",
+                      f"- student (step {s['step']}): {s['student']}",
+                      f"- teacher's mean logprob per token of it: {s['teacher_logprob_per_token']:.3f}"]
     if evals and evals[-1].get("samples"):
         lines += ["", "## Samples (last version)", ""]
         for s in evals[-1]["samples"]:

@@ -23,6 +23,29 @@ def _eval_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps([cfg.eval.model_dump(), cfg.training.max_len]).encode()).hexdigest()[:12]
 
 
+ON_POLICY_COUNTS = ("on_policy_batches", "off_policy_batches", "scored_samples", "scored_tokens", "failed_scores",
+                    "reused_scores")
+
+
+def on_policy_of(files, training: list[dict], samples: int = 3) -> dict:
+    """{"on_policy": what the trainer last counted (batches on and off policy, samples and teacher tokens scored)
+    and the last few scored samples}, or {} for a run trained off-policy only."""
+    from backpack.student.on_policy import ON_POLICY_DATASET
+
+    last = next((m for m in reversed(training) if "on_policy_batches" in m), None)
+    if last is None:
+        return {}
+    out = {k: last.get(k, 0) for k in ON_POLICY_COUNTS}
+    rows = []
+    if files.exists(f"{ON_POLICY_DATASET}/manifest.json"):
+        rows = [r for r in DatasetStore(files.uri(ON_POLICY_DATASET), create=False).read().to_pylist()
+                if r["status"] == "ok"]
+    out["samples"] = [{"prompt": r["messages"][-1]["content"], "student": r["text"], "step": r["student_version"],
+                       "teacher_logprob_per_token": sum(r["token_logprobs"]) / max(1, len(r["token_logprobs"]))}
+                      for r in rows[-samples:]]
+    return {"on_policy": out}
+
+
 def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Optional[Reporter] = None) -> dict:
     """Score version 0 and the run's versions (or `versions`) on held-out rows; write the report."""
     import torch
@@ -68,7 +91,8 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
         results.append(m)
     training = [json.loads(line) for line in (files.read_text("train/metrics.jsonl") or "").splitlines()]
     extra = {"dataset_version": store.version, "heldout_rows": len(held), "student": cfg.student.model_dump(),
-             "teachers": usage_of(cfg), "incidents": incidents_of(cfg), "replicas": replicas_of(cfg)}
+             "teachers": usage_of(cfg), "incidents": incidents_of(cfg), "replicas": replicas_of(cfg),
+             **on_policy_of(files, training)}
     if files.local:
         return write_report(cfg.run_dir / "report", cfg.name, results, training, extra)
     with tempfile.TemporaryDirectory() as d:  # written here, then copied to the object store

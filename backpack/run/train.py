@@ -21,6 +21,7 @@ from backpack.runtime import ray_runtime
 from backpack.runtime.progress import Reporter
 from backpack.runtime.session import RunSession
 from backpack.student.checkpoints import latest_checkpoint
+from backpack.student.on_policy import ON_POLICY_DATASET
 from backpack.student.preflight import preflight
 
 
@@ -62,6 +63,19 @@ class TrainingProgress:
         self._thread.join(timeout=5)
 
 
+def start_scorers(session: RunSession, tc, files) -> dict:
+    """The teachers, started beside the trainer, and a scheduler per training worker that routes the worker's
+    samples to them and stores the scores in the run's on-policy dataset (backpack.student.on_policy)."""
+    from backpack.run.generation import Generation
+
+    gen = Generation(session)
+    gen.check_placement(groups=[tc.workers_group()])
+    gen.start_teachers()
+    store = DatasetStore(files.uri(ON_POLICY_DATASET))
+    return {"schedulers": [gen.spawn_scheduler(store, None) for _ in range(tc.num_workers)],
+            "store": files.uri(ON_POLICY_DATASET)}
+
+
 def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
     """Train the run's student on its dataset. Returns {"step", "versions", "seconds"}."""
     cfg.require("student", "training")
@@ -82,17 +96,21 @@ def train(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
 
         registry = Registry(session.redis_url, cfg.name, files)
         session.connect_ray()
-        ray_runtime.check_placement([], [tc.workers_group()])
+        on_policy = None
+        if tc.objective == "off_policy":
+            ray_runtime.check_placement([], [tc.workers_group()])
+        else:  # the teachers score the student's samples while it trains
+            on_policy = start_scorers(session, tc, files)
         before = {m["version"] for m in registry.versions()}
         ds = training_dataset(store, cfg.eval.heldout_fraction, cfg.grounded_only)
-        rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps"
+        rep.stage(f"training the student ({tc.num_workers} worker(s), {tc.max_steps} steps, {tc.objective}"
                   + (f", resuming from step {resume[1]}" if resume else "") + ")")
         try:
             with TrainingProgress(files, "train/metrics.jsonl", tc.max_steps, rep):
                 res = run_training(ds, cfg.student, tc, files.sub("train"), cfg.name,
                                    resume_from=resume[0] if resume else None, dataset_version=store.version,
                                    metrics_file=files.uri("train/metrics.jsonl"), same_tokenizer=same,
-                                   registry=registry)
+                                   registry=registry, on_policy=on_policy)
         except ray.train.TrainingFailedError as e:
             raise BackpackError(f"training failed after {tc.max_failures} restart(s): {cause_of(e)}; "
                                 "rerun the same command to resume from the last checkpoint") from None

@@ -5,7 +5,9 @@ Rows come from the DatasetStore (DATASET_SCHEMA); only `status == "ok"` rows are
 row's `messages` under the student's chat template (the same encoder the teacher used); the answer is the
 teacher's own token ids when teacher and student share a tokenizer, else the answer text re-tokenised.
 An answer that ended with the teacher's end-of-turn token gets that token as its last label, so the student
-learns to stop.
+learns to stop. An on-policy row (a teacher's scores of the student's own sample, `score_ids` set) is taken as
+it was scored: the sample's own stop token, if it stopped, is among its ids and was scored with the rest; the
+teacher's logprob of each of its tokens comes along for the sampled-token loss.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Example:
     labels: list[int]                     # IGNORE at prompt positions
     kd_ids: list[list[int]]               # per position: the teacher's top-k ids ([] where none)
     kd_logprobs: list[list[float]]
+    token_logprobs: list[float] = field(default_factory=list)  # per position: the teacher's logprob of the label
 
 
 @dataclass
@@ -62,7 +65,10 @@ def build_examples(rows: list[dict], tokenizer, max_len: int, same_tokenizer: bo
         top_lps = list(row["top_logprobs"] or []) if use_logprobs else []
         kd_ids = [[] for _ in prompt] + [list(x) for x in top_ids[: len(answer)]]
         kd_lps = [[] for _ in prompt] + [list(x) for x in top_lps[: len(answer)]]
-        if row["finish_reason"] == "stop" and eos is not None:
+        scored = row.get("score_ids") is not None
+        chosen = [0.0] * len(prompt) + [float(x) for x in (row["token_logprobs"] or [])[: len(answer)]] \
+            if scored else []
+        if row["finish_reason"] == "stop" and eos is not None and not scored:
             answer = answer + [eos]
         ids = prompt + answer
         labels = [IGNORE] * len(prompt) + answer
@@ -71,7 +77,7 @@ def build_examples(rows: list[dict], tokenizer, max_len: int, same_tokenizer: bo
             ids, labels = ids[:max_len], labels[:max_len]
         kd_ids += [[] for _ in range(len(ids) - len(kd_ids))]
         kd_lps += [[] for _ in range(len(ids) - len(kd_lps))]
-        out.append(Example(ids, labels, kd_ids[: len(ids)], kd_lps[: len(ids)]))
+        out.append(Example(ids, labels, kd_ids[: len(ids)], kd_lps[: len(ids)], chosen[: len(ids)]))
         stats.used += 1
     return out, stats
 
@@ -81,7 +87,8 @@ def collate(examples: list[Example], pad_id: int, top_k: int = 0) -> dict[str, t
 
     input_ids, attention_mask, labels [B, L]; with top_k > 0 also kd_ids, kd_logprobs [B, L, top_k] and
     kd_mask [B, L] (True where the teacher gave at least top_k logprobs). Positions without teacher data hold a
-    uniform placeholder distribution, so masked positions stay finite.
+    uniform placeholder distribution, so masked positions stay finite. When the examples are on-policy ones
+    (their token_logprobs set), teacher_logprobs [B, L] too: the teacher's logprob of each label (0 elsewhere).
     """
     width = max(len(e.input_ids) for e in examples)
     b = len(examples)
@@ -94,11 +101,15 @@ def collate(examples: list[Example], pad_id: int, top_k: int = 0) -> dict[str, t
         kd_lps = torch.full((b, width, top_k), math.log(1.0 / (top_k + 1)))
         kd_mask = torch.zeros((b, width), dtype=torch.bool)
         batch.update(kd_ids=kd_ids, kd_logprobs=kd_lps, kd_mask=kd_mask)
+    if any(e.token_logprobs for e in examples):
+        batch["teacher_logprobs"] = torch.zeros((b, width))
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         input_ids[i, :n] = torch.tensor(e.input_ids)
         attention[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels)
+        if e.token_logprobs:
+            batch["teacher_logprobs"][i, :len(e.token_logprobs)] = torch.tensor(e.token_logprobs)
         if top_k:
             for j, (ids, lps) in enumerate(zip(e.kd_ids, e.kd_logprobs)):
                 if len(ids) >= top_k:

@@ -10,16 +10,40 @@ from backpack.errors import InputError
 from backpack.runtime.progress import Reporter
 
 
-def teacher_tokenizer_fingerprints(cfg: RunConfig) -> dict[str, str]:
+# Text whose token ids a vLLM endpoint and the student must agree on for the endpoint to score the student's ids
+PROBE = "Backpack's probe: 12,345 tokens; Ünïcode, \"quotes\" and\n\tnew lines — emoji 🎒."
+
+
+def teacher_tokenizer_fingerprints(cfg: RunConfig, student=None) -> dict[str, str]:
     """Each teacher's tokenizer fingerprint: hf and vllm teachers encode with the model's own tokenizer; a remote
-    endpoint's is unknown (its rows hold text only, never the student's token ids)."""
+    endpoint's is unknown (its rows hold text only, never the student's token ids), except a vLLM endpoint
+    that scores (endpoint.scoring vllm), which shares the student's when it encodes PROBE as `student` does."""
     from transformers import AutoTokenizer
 
     from backpack.student.autopilot import tokenizer_fingerprint
     from backpack.teachers.loader import resolve_model
 
-    return {t.name: tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(t.model).path))
-            if t.backend in ("hf", "vllm") else f"remote:{t.name}" for t in cfg.teachers}
+    out = {}
+    for t in cfg.teachers:
+        if t.backend in ("hf", "vllm"):
+            out[t.name] = tokenizer_fingerprint(AutoTokenizer.from_pretrained(resolve_model(t.model).path))
+        elif student is not None and t.endpoint is not None and t.endpoint.scoring == "vllm" \
+                and _endpoint_encodes_as(t, student.tokenizer):
+            out[t.name] = student.tokenizer_fingerprint
+        else:
+            out[t.name] = f"remote:{t.name}"
+    return out
+
+
+def _endpoint_encodes_as(t, tokenizer) -> bool:
+    """Whether the vLLM server of teacher `t` encodes PROBE into the ids `tokenizer` does."""
+    from backpack.teachers.openai import OpenAITeacher
+
+    try:
+        ids = OpenAITeacher(t).tokenize(PROBE)
+    except Exception as e:  # noqa: BLE001 - unreachable, not vLLM, a bad key: one clear message either way
+        raise InputError(f"teacher {t.name!r}: cannot ask its endpoint how it tokenizes ({e})") from None
+    return ids == tokenizer(PROBE, add_special_tokens=False)["input_ids"]
 
 
 def student_checks(cfg: RunConfig, rep: Reporter):
@@ -29,10 +53,14 @@ def student_checks(cfg: RunConfig, rep: Reporter):
 
     tc = cfg.training
     student = load_student(cfg.student)
-    teachers = teacher_tokenizer_fingerprints(cfg)
+    teachers = teacher_tokenizer_fingerprints(cfg, student)
     same = all(fp == student.tokenizer_fingerprint for fp in teachers.values())
     if not same:
         names = [n for n, fp in teachers.items() if fp != student.tokenizer_fingerprint]
+        if tc.objective != "off_policy":
+            raise InputError(f"training.objective {tc.objective} has the teachers score the student's own token "
+                             f"ids, but {names} use another tokenizer than the student's: use teachers that "
+                             "share it, or objective off_policy")
         if tc.kd_weight > 0 and tc.on_tokenizer_mismatch == "error":
             raise InputError(f"token-level KD (training.kd_weight={tc.kd_weight}) needs the student to share its "
                              f"tokenizer with the teachers, but {names} use another one (a remote endpoint's "

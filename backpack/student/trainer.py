@@ -110,25 +110,31 @@ class WorkerSession:
         self.last_metrics: Optional[dict] = None
         self.model.train()
 
-    def examples(self, rows: list[dict]) -> list:
+    def examples(self, rows: list[dict], on_policy: bool = False) -> list:
         """The usable training Examples of dataset rows (failed rows and over-long prompts are left out)."""
         from backpack.student.examples import build_examples
 
-        return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok, self.use_kd)[0]
+        use_kd = self.use_kd or (on_policy and self.tc.on_policy.loss == "reverse_kl")
+        return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok or on_policy, use_kd)[0]
 
-    def forward_backward(self, examples: list, since: Optional[float] = None) -> None:
+    def forward_backward(self, examples: list, since: Optional[float] = None, on_policy: bool = False) -> None:
         """One micro-batch: loss, backward (scaled by 1/grad_accum), window sums. `since`: when building the
-        batch began (that time counts as data time)."""
+        batch began (that time counts as data time). `on_policy`: the examples are the student's own scored
+        samples (step.on_policy_loss), else teacher answers (step.student_loss)."""
         from backpack.student.examples import collate
-        from backpack.student.step import student_loss
+        from backpack.student.step import on_policy_loss, student_loss
 
         tc, window = self.tc, self.window
         built = time.perf_counter() if since is None else since
+        top_k = tc.top_k if self.use_kd or (on_policy and tc.on_policy.loss == "reverse_kl") else 0
         tensors = {k: v.to(self.device) for k, v in
-                   collate(examples, self.student.tokenizer.pad_token_id, tc.top_k if self.use_kd else 0).items()}
+                   collate(examples, self.student.tokenizer.pad_token_id, top_k).items()}
         computed = time.perf_counter()
         window["data_s"] += computed - built
-        loss, m = student_loss(self.model, tensors, tc.kd_weight, tc.divergence, tc.beta)
+        if on_policy:
+            loss, m = on_policy_loss(self.model, tensors, tc.on_policy.loss)
+        else:
+            loss, m = student_loss(self.model, tensors, tc.kd_weight, tc.divergence, tc.beta)
         (loss / tc.grad_accum).backward()
         window["loss"] += loss.item()
         window["ce"] += m["ce"]
@@ -198,22 +204,43 @@ class WorkerSession:
                                            self.student.tokenizer_fingerprint)
 
 
+def _micro_batch(s: WorkerSession, rows: list[dict], on_policy, built: float) -> bool:
+    """One micro-batch of `rows`: on the student's own scored samples when `on_policy` (an OnPolicyWorker) says
+    this one is, else on the teachers' answers (also when no sample of the batch could be scored: every DDP rank
+    must take part in each backward). Returns whether there was anything to learn from."""
+    if on_policy is not None and on_policy.on_policy_now(s.tc.objective):
+        examples = s.examples(on_policy.next_batch(rows, s.step), on_policy=True)
+        if examples:
+            on_policy.counts["on_policy_batches"] += 1
+            s.forward_backward(examples, since=built, on_policy=True)
+            return True
+    examples = s.examples(rows)
+    if not examples:
+        return False
+    if on_policy is not None:
+        on_policy.counts["off_policy_batches"] += 1
+    s.forward_backward(examples, since=built)
+    return True
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs inside each Ray Train worker. `config` holds plain dicts (student, training) and paths."""
     import ray.train
 
     s = WorkerSession(config)
     tc = s.tc
+    on_policy = None
+    if tc.objective != "off_policy":
+        from backpack.student.on_policy import OnPolicyWorker
+
+        on_policy = OnPolicyWorker(s, config)
     shard = ray.train.get_dataset_shard("train")
     while s.step < tc.max_steps:
         any_batch = False
         for batch in _timed(shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"), s.window):
-            built = time.perf_counter()
-            examples = s.examples(_rows(batch))
-            if not examples:
+            if not _micro_batch(s, _rows(batch), on_policy, time.perf_counter()):
                 continue
             any_batch = True
-            s.forward_backward(examples, since=built)
             if s.micro % tc.grad_accum:
                 continue
             s.optimizer_step()
@@ -221,8 +248,10 @@ def train_loop_per_worker(config: dict) -> None:
             if s.step % tc.log_every and s.step % tc.checkpoint_every and not last:
                 continue
             checkpoint = s.step % tc.checkpoint_every == 0 or last
-            s.report(s.window_metrics(),
-                     checkpoint_state={"dataset_version": config.get("dataset_version")} if checkpoint else None)
+            metrics = {**s.window_metrics(), **(on_policy.counts if on_policy else {})}
+            state = {"dataset_version": config.get("dataset_version"),
+                     **(on_policy.checkpoint_state() if on_policy else {})}
+            s.report(metrics, checkpoint_state=state if checkpoint else None)
             if last:
                 break
         if not any_batch:
@@ -293,10 +322,14 @@ def fit_workers(loop: Callable[[dict], None], config: dict, training: TrainingCo
 def run_training(dataset, student: StudentConfig, training: TrainingConfig, storage: str | os.PathLike,
                  name: str, resume_from: Optional[str] = None, dataset_version: Optional[int] = None,
                  metrics_file: Optional[str] = None, same_tokenizer: bool = True, registry=None,
-                 test_hooks: Optional[dict] = None) -> TrainResult:
+                 on_policy: Optional[dict] = None, test_hooks: Optional[dict] = None) -> TrainResult:
     """Fit the student on `dataset` (a Ray Dataset of DATASET_SCHEMA rows). Each call is a new Ray Train run
-    with a unique name under `storage`; `resume_from` continues from an earlier run's checkpoint."""
+    with a unique name under `storage`; `resume_from` continues from an earlier run's checkpoint. With
+    training.objective on_policy or mixed, `on_policy` holds {"schedulers": scheduler actors over the teachers
+    (one per worker), "store": where the scored samples go} (backpack.student.on_policy)."""
+    if training.objective != "off_policy" and not on_policy:
+        raise ValueError(f"training.objective {training.objective} needs schedulers to score the samples")
     config = {"student": student.model_dump(), "training": training.model_dump(), "resume_from": resume_from,
               "dataset_version": dataset_version, "metrics_file": metrics_file, "same_tokenizer": same_tokenizer,
-              "registry": registry, **(test_hooks or {})}
+              "registry": registry, "on_policy": on_policy, **(test_hooks or {})}
     return fit_workers(train_loop_per_worker, config, training, storage, name, datasets={"train": dataset})

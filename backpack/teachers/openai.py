@@ -221,17 +221,25 @@ class OpenAITeacher(TeacherBase):
         if self.ep.scoring != "vllm":
             raise EndpointError(f"teacher {self.name!r} (openai at {redact(self.ep.base_url)}) cannot score "
                                 "completions: only a vLLM server can (endpoint.scoring: vllm)", fatal=True)
-        root = self.ep.base_url.rstrip("/").removesuffix("/v1")
-        rendered = self._request(f"{root}/tokenize", {"model": self.cfg.model, "add_generation_prompt": True,
-                                                      "messages": with_context(q.messages, q.context)})
-        try:
-            prompt = [int(t) for t in rendered["tokens"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise EndpointError(f"{redact(root)}/tokenize answered without token ids ({type(e).__name__}): is it "
-                                "a vLLM server? (endpoint.scoring: vllm)") from None
+        prompt = self._tokens({"model": self.cfg.model, "add_generation_prompt": True,
+                               "messages": with_context(q.messages, q.context)})
         payload = self._request(self.url.removesuffix("/chat/completions") + "/completions",
                                 score_body(prompt, q, self.cfg.model))
         return [parse_scores(q, payload, len(prompt), self.name, self.replica, self.fingerprint)]
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids a vLLM server encodes `text` into (no special tokens). EndpointError if it cannot."""
+        return self._tokens({"model": self.cfg.model, "prompt": text, "add_special_tokens": False})
+
+    def _tokens(self, body: dict) -> list[int]:
+        """The ids of a vLLM server's /tokenize answer to `body` (a text, or chat messages it renders)."""
+        root = self.ep.base_url.rstrip("/").removesuffix("/v1")
+        out = self._request(f"{root}/tokenize", body)
+        try:
+            return [int(t) for t in out["tokens"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise EndpointError(f"{redact(root)}/tokenize answered without token ids ({type(e).__name__}): is it "
+                                "a vLLM server? (endpoint.scoring: vllm)") from None
 
     def _request(self, url: str, body: dict):
         """POST `body` to `url`; the answer's JSON, or the EndpointError that says what went wrong."""

@@ -27,7 +27,8 @@ SECTIONS = [("", "RunConfig"), ("ray", "RayConfig"), ("redis", "RedisConfig"), (
             ("teachers[]", "TeacherConfig"), ("teachers[].endpoint", "EndpointConfig"),
             ("teachers[].vllm", "VLLMConfig"), ("ledger", "LedgerConfig"), ("prompts", "PromptsConfig"),
             ("decoding", "DecodingConfig"), ("scheduler", "SchedulerConfig"), ("scheduler.ensemble", "EnsembleConfig"),
-            ("student", "StudentConfig"), ("training", "TrainingConfig"), ("eval", "EvalConfig"),
+            ("student", "StudentConfig"), ("training", "TrainingConfig"), ("training.on_policy", "OnPolicyConfig"),
+            ("eval", "EvalConfig"),
             ("continual", "ContinualConfig"), ("serve", "ServeConfig"), ("mental", "MentalConfig")]
 BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "at least {} items"}
 
@@ -92,7 +93,7 @@ def config_page() -> str:
                   "|---|---|---|---|---|"]
         for fname, field in model.model_fields.items():
             what = (field.description or "").replace("|", r"\|")
-            lines.append(f"| `{fname}` | {type_text(field.annotation)} | {default_text(field)} | {bounds_text(field)} "
+            lines.append(f"| `{field.alias or fname}` | {type_text(field.annotation)} | {default_text(field)} | {bounds_text(field)} "
                          f"| {what} |")
         lines.append("")
     lines += ["## Knowledge packs", "", (knowledge.__doc__ or "").split("\n\n", 1)[1].strip(), ""]
