@@ -9,7 +9,6 @@ from backpack.data.splits import training_rows
 from backpack.errors import InputError
 from backpack.runtime.progress import Reporter
 
-
 # Text whose token ids a vLLM endpoint and the student must agree on for the endpoint to score the student's ids
 PROBE = "Backpack's probe: 12,345 tokens; Ünïcode, \"quotes\" and\n\tnew lines — emoji 🎒."
 
