@@ -137,8 +137,8 @@ def test_store_reader_leaves_out_heldout_and_failed_rows(shard_tables, tmp_path)
     rows = reader.between(0, 2)
     heldout = [r for r in shard_tables[1].to_pylist() if is_heldout(r["query_id"], HELDOUT)]
     assert heldout, "the split should hold out some rows of the shard, or this test shows nothing"
-    assert len(rows) == trainable(shard_tables[1]) and all(v == 1 for v, _ in rows)
-    assert all(r["status"] == "ok" and not is_heldout(r["query_id"], HELDOUT) for _, r in rows)
+    assert len(rows) == trainable(shard_tables[1]) and all(v == 1 for v, _, _ in rows)
+    assert all(r["status"] == "ok" and not is_heldout(r["query_id"], HELDOUT) for _, r, _ in rows)
     assert reader.between(1, 2) == []  # version 2 holds only a failed row
     assert reader.between(2, 2) == []
 
@@ -288,3 +288,47 @@ def test_continual_run_follows_the_store_publishes_stops_and_resumes_after_a_cra
     versions = registry.versions()
     assert len(versions) > published1 and versions[-1]["step"] == res2.step
     assert versions[-1]["dataset_version"] == 3
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_continual_on_policy_steps_score_the_students_samples_of_the_intakes_prompts(
+        ray_session, redis_server, shard_tables, tiny_model_dir, tmp_path):
+    """training.objective on_policy in the continual trainer: the rows the intake's prompts were answered in are
+    sampled by the student, scored by a real teacher actor through a scheduler, and trained on."""
+    from backpack.run.actors import spawn_scheduler
+    from backpack.run.pool import TeacherPool
+    from backpack.runtime.redis_server import RunKeys, connect
+
+    store = DatasetStore(tmp_path / "ds")
+    store.append(shard_tables[1])
+    scored = DatasetStore(tmp_path / "on_policy")
+    pool = TeacherPool([TeacherConfig(name="tiny", model=tiny_model_dir, replicas=1, batch_size=4, threads=1,
+                                      num_cpus=0.5)])
+    try:
+        pool.start()
+        training = TrainingConfig(num_workers=1, cpus_per_worker=0.5, batch_size=2, log_every=1, lr=1e-3, top_k=4,
+                                  objective="on_policy", on_policy={"max_new_tokens": 5})
+        metrics = tmp_path / "metrics.jsonl"
+        run = Background(store_uri=store.uri, student=StudentConfig(base=tiny_model_dir, mode="full"),
+                         training=training, continual=ContinualConfig(poll_seconds=0.5, publish_every_steps=100),
+                         storage=tmp_path / "train", name="cop", redis_url=redis_server.url, run="cop",
+                         heldout_fraction=HELDOUT, metrics_file=str(metrics),
+                         on_policy={"schedulers": [spawn_scheduler(pool.replicas, scored, None, flush_rows=2)],
+                                    "store": str(tmp_path / "on_policy")})
+        run.start()
+        try:
+            wait_for("version 1 to be trained", lambda: any(x["dataset_version"] == 1 for x in freshness(metrics)),
+                     run)
+        finally:
+            res = run.finish(lambda: connect(redis_server.url).set(RunKeys("cop").stop, "1"))
+    finally:
+        pool.shutdown()
+    n1 = trainable(shard_tables[1])
+    assert res.step == math.ceil(n1 / 2)
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    assert last["on_policy_batches"] == res.step and last["off_policy_batches"] == 0
+    assert last["scored_samples"] >= n1 and last["scored_tokens"] > 0
+    rows = scored.read().to_pylist()
+    prompts = {r["messages"][-1]["content"] for r in shard_tables[1].to_pylist()}
+    assert rows and all(r["score_ids"] and r["messages"][-1]["content"] in prompts for r in rows)

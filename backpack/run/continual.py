@@ -100,6 +100,7 @@ class ContinualRun:
         self.result = ContinualResult(restarts=self.supervisor.restarts)
         self.gen: Optional[Generation] = None
         self.scheduler = self.trainer = self.server = self.gate = None
+        self.scorers: list = []  # the schedulers of on-policy training (training.objective on_policy or mixed)
         self._stop = threading.Event()
 
     @property
@@ -209,7 +210,22 @@ class ContinualRun:
             str(cfg.dataset_dir), cfg.student, self.tc, cfg.continual, self.files.sub("train"), cfg.name,
             redis_url=self.url, run=cfg.name, heldout_fraction=cfg.eval.heldout_fraction,
             resume_from=resume_from, metrics_file=self.files.uri("train/metrics.jsonl"),
-            same_tokenizer=self.same_tokenizer, registry=self.registry, grounded_only=cfg.grounded_only)
+            same_tokenizer=self.same_tokenizer, registry=self.registry, grounded_only=cfg.grounded_only,
+            on_policy=self._start_scorers())
+
+    def _start_scorers(self) -> Optional[dict]:
+        """With training.objective on_policy or mixed: fresh schedulers (one per training worker) over the live
+        teachers, scoring the student's samples into the run's on-policy dataset; None otherwise."""
+        from backpack.student.on_policy import ON_POLICY_DATASET
+
+        for scorer in self.scorers:
+            kill_actor(scorer)
+        self.scorers = []
+        if self.tc.objective == "off_policy":
+            return None
+        store = DatasetStore(self.files.uri(ON_POLICY_DATASET))
+        self.scorers = [self.gen.spawn_scheduler(store, None) for _ in range(self.tc.num_workers)]
+        return {"schedulers": self.scorers, "store": self.files.uri(ON_POLICY_DATASET)}
 
     def _start_server(self) -> None:
         import ray
@@ -308,7 +324,7 @@ class ContinualRun:
         try:
             ray.get(actor.ready.remote(), timeout=RESPAWN_TIMEOUT_S)
             fresh = pool.handle(cfg, actor, name)
-            ray.get(self.scheduler.replace_replica.remote(fresh), timeout=30)
+            ray.get([s.replace_replica.remote(fresh) for s in [self.scheduler, *self.scorers]], timeout=30)
         except Exception as e:  # not placeable now, failed to load, or the scheduler is gone: next round
             kill_actor(actor)
             self.rep.stage(f"teacher replica {name} could not be started again ({cause_of(e)[:200]}); trying "

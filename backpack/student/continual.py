@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from backpack.config import ContinualConfig, StudentConfig, TrainingConfig
-from backpack.student.trainer import TrainResult, WorkerSession, fit_workers
+from backpack.student.trainer import TrainResult, WorkerSession, fit_workers, micro_batch
 
 FRESHNESS_LOG = "freshness.jsonl"
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ class _Examples:
                 return 0
         return self.store.version
 
-    def between(self, lo: int, hi: int) -> list[tuple[int, object]]:
-        """(version, Example) for the trainable rows of versions lo+1 .. hi, in store order."""
+    def between(self, lo: int, hi: int) -> list[tuple[int, object, dict]]:
+        """(version, Example, its row) for the trainable rows of versions lo+1 .. hi, in store order (the row's
+        prompt is what an on-policy step samples from)."""
         import pyarrow.parquet as pq
 
         from backpack.data.splits import training_rows
@@ -135,9 +136,9 @@ class _Examples:
         for entry in self.store.manifest().upto(hi) if hi > lo else []:
             if entry.version > lo and entry.version not in self.by_version:
                 table = pq.read_table(self.store.shard_paths([entry])[0], filesystem=self.store.fs)
-                self.by_version[entry.version] = self.session.examples(
-                    training_rows(table, self.fraction, self.grounded_only).to_pylist())
-        return [(v, ex) for v in range(lo + 1, hi + 1) for ex in self.by_version.get(v, [])]
+                rows = training_rows(table, self.fraction, self.grounded_only).to_pylist()
+                self.by_version[entry.version] = [(ex, row) for row in rows for ex in self.session.examples([row])]
+        return [(v, ex, row) for v in range(lo + 1, hi + 1) for ex, row in self.by_version.get(v, [])]
 
 
 class _Control:
@@ -184,6 +185,11 @@ class _ContinualLoop:
     def __init__(self, config: dict):
         self.s = WorkerSession(config, schedule="constant")
         self.cc = ContinualConfig(**config["continual"])
+        self.on_policy = None  # on-policy steps on the intake's prompts (training.objective on_policy or mixed)
+        if self.s.tc.objective != "off_policy":
+            from backpack.student.on_policy import OnPolicyWorker
+
+            self.on_policy = OnPolicyWorker(self.s, config)
         self.config = config
         self.data = _Examples(config["store_uri"], config["heldout_fraction"], self.s,
                               config.get("grounded_only", False))
@@ -249,8 +255,10 @@ class _ContinualLoop:
         new_rows = replay_rows = 0
         for k in range(done, len(plan)):
             batch = plan[k]
-            s.forward_backward([ex for _, ex in worker_slice(batch.rows, s.rank, s.world)])
-            versions.update(v for v, _ in batch.new)
+            items = worker_slice(batch.rows, s.rank, s.world)
+            micro_batch(s, [row for _, _, row in items], self.on_policy, time.perf_counter(),
+                        examples=[ex for _, ex, _ in items])
+            versions.update(v for v, _, _ in batch.new)
             new_rows, replay_rows = new_rows + len(batch.new), replay_rows + len(batch.replay)
             if (k + 1) % tc.grad_accum and k + 1 < len(plan):
                 continue
@@ -291,14 +299,15 @@ class _ContinualLoop:
         else:
             metrics = {**s.last_metrics, "lr": s.sched.get_last_lr()[0]}
         metrics.update(step=s.step, time=time.time(), dataset_version=self.seen,
-                       trained_versions=sorted(self.window_versions))
+                       trained_versions=sorted(self.window_versions), **(self.on_policy.counts if self.on_policy else {}))
         self.window_versions = set()
         return metrics
 
     def _checkpoint(self, publish: bool) -> None:
         """A checkpoint of the model and of the loop's position; a registry version too when `publish`."""
-        self.s.report(self._metrics(), checkpoint_state={"dataset_version": self.seen, "partial": self.partial},
-                      publish=publish)
+        state = {"dataset_version": self.seen, "partial": self.partial,
+                 **(self.on_policy.checkpoint_state() if self.on_policy else {})}
+        self.s.report(self._metrics(), checkpoint_state=state, publish=publish)
         if publish:
             self.since_publish, self.published_at = 0, time.monotonic()
 
@@ -320,17 +329,19 @@ def run_continual_training(store_uri: str | os.PathLike, student: StudentConfig,
                            redis_url: Optional[str], run: str, heldout_fraction: float,
                            resume_from: Optional[str] = None, metrics_file: Optional[str] = None,
                            same_tokenizer: bool = True, registry=None, grounded_only: bool = False,
-                           test_hooks: Optional[dict] = None) -> TrainResult:
+                           on_policy: Optional[dict] = None, test_hooks: Optional[dict] = None) -> TrainResult:
     """Train the student on the DatasetStore at `store_uri` as shards land, until the stop flag of run `run`
     is set in the Redis at `redis_url` (None: no stop flag; the run then ends only when killed). Blocks; each
     call is a new Ray Train run under `storage` (a folder, a URI or a RunFiles). `resume_from` (a checkpoint of
     an earlier run, continual or batch; a folder or a URI) continues its step count and skips the dataset
     versions it trained on. Rows held out by `heldout_fraction` are never trained on, nor, with `grounded_only`,
-    answers not grounded in their recalled context. Returns the final checkpoint and step."""
+    answers not grounded in their recalled context. With training.objective on_policy or mixed, `on_policy`
+    holds the schedulers that score the student's samples (see `backpack.student.trainer.run_training`).
+    Returns the final checkpoint and step."""
     config = {"student": student.model_dump(), "training": training.model_dump(),
               "continual": continual.model_dump(), "store_uri": _absolute(store_uri),
               "heldout_fraction": heldout_fraction, "redis_url": redis_url, "run": run,
               "resume_from": _absolute(resume_from), "metrics_file": _absolute(metrics_file),
               "same_tokenizer": same_tokenizer, "registry": registry, "grounded_only": grounded_only,
-              **(test_hooks or {})}
+              "on_policy": on_policy, **(test_hooks or {})}
     return fit_workers(continual_loop_per_worker, config, training, storage, name)

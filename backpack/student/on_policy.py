@@ -15,6 +15,7 @@ checkpoint, and a resumed worker reads the scores already stored instead of aski
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import asdict
 from typing import Optional
@@ -22,6 +23,7 @@ from typing import Optional
 from backpack.core.types import OK, STOP, DecodingParams, Query
 from backpack.teachers.accounting import LEDGER_REPLICA
 
+log = logging.getLogger(__name__)
 ON_POLICY_DATASET = "on_policy"  # the run's scored samples (the dataset's schema), under the run's files
 
 
@@ -117,7 +119,11 @@ class OnPolicyWorker:
         if version is None:  # restored from a checkpoint: the stored scores are reused, the rest asked for
             queries, version, ref = self._submit(queries)
         if ref is not None:
-            ray.get(ref)
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:  # its scheduler is gone (the driver starts new ones): not scored
+                log.warning("on-policy: %d samples not scored (%s); this step trains on what is stored",
+                            len(queries), str(e).splitlines()[0][:200])
             ids = {q.id for q in queries}
             new = [r for r in self.store.read_since(version).to_pylist() if r["query_id"] in ids]
             # tokens a teacher scored now (the ledger's answers cost nothing)

@@ -204,17 +204,18 @@ class WorkerSession:
                                            self.student.tokenizer_fingerprint)
 
 
-def _micro_batch(s: WorkerSession, rows: list[dict], on_policy, built: float) -> bool:
+def micro_batch(s: WorkerSession, rows: list[dict], on_policy, built: float, examples: Optional[list] = None) -> bool:
     """One micro-batch of `rows`: on the student's own scored samples when `on_policy` (an OnPolicyWorker) says
-    this one is, else on the teachers' answers (also when no sample of the batch could be scored: every DDP rank
-    must take part in each backward). Returns whether there was anything to learn from."""
+    this one is, else on the teachers' answers (`examples` when already built from the rows; also when no sample
+    of the batch could be scored: every DDP rank must take part in each backward). Returns whether there was
+    anything to learn from."""
     if on_policy is not None and on_policy.on_policy_now(s.tc.objective):
-        examples = s.examples(on_policy.next_batch(rows, s.step), on_policy=True)
-        if examples:
+        scored = s.examples(on_policy.next_batch(rows, s.step), on_policy=True)
+        if scored:
             on_policy.counts["on_policy_batches"] += 1
-            s.forward_backward(examples, since=built, on_policy=True)
+            s.forward_backward(scored, since=built, on_policy=True)
             return True
-    examples = s.examples(rows)
+    examples = s.examples(rows) if examples is None else examples
     if not examples:
         return False
     if on_policy is not None:
@@ -238,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
     while s.step < tc.max_steps:
         any_batch = False
         for batch in _timed(shard.iter_batches(batch_size=tc.batch_size, batch_format="pyarrow"), s.window):
-            if not _micro_batch(s, _rows(batch), on_policy, time.perf_counter()):
+            if not micro_batch(s, _rows(batch), on_policy, time.perf_counter()):
                 continue
             any_batch = True
             if s.micro % tc.grad_accum:
