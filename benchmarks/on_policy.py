@@ -111,7 +111,9 @@ def quickstart(args, t0: float) -> dict:
     roots = {arm: tempfile.mkdtemp(prefix=f"backpack-op-{arm}-") for arm in ("off_policy", "on_policy")}
     for root in roots.values():
         atexit.register(shutil.rmtree, root, True)
-    cfgs = {arm: arm_config(config, root, arm, common) for arm, root in roots.items()}
+    # the on-policy arm's teacher runs beside the trainer: one replica, so both fit on a laptop's two cores
+    cfgs = {arm: arm_config(config, root, arm, common + (["teachers.0.replicas=1"] if arm == "on_policy" else []))
+            for arm, root in roots.items()}
     gen = generate(cfgs["off_policy"], reporter(t0, "generate: "))
     print(f"generate: {gen.ok_rows} answers, {gen.tokens} teacher tokens", flush=True)
     copy_dataset(cfgs["off_policy"], cfgs["on_policy"])
@@ -168,7 +170,8 @@ def facts(args, t0: float) -> dict:
     for root in roots.values():
         atexit.register(shutil.rmtree, root, True)
     extra = [f"training.max_steps={args.fact_steps}"] if args.fact_steps else []
-    cfgs = {arm: arm_config(config, root, arm, extra) for arm, root in roots.items()}
+    cfgs = {arm: arm_config(config, root, arm, extra + (["teachers.0.replicas=1"] if arm == "on_policy" else []))
+            for arm, root in roots.items()}
     generate(cfgs["off_policy"], reporter(t0, "facts generate: "))
     copy_dataset(cfgs["off_policy"], cfgs["on_policy"])
     out = {}
