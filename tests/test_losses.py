@@ -162,3 +162,23 @@ def test_sampled_token_loss_matches_reference_and_its_expected_gradient_is_the_r
     (exact,) = torch.autograd.grad((reverse_kl * mask).sum() / mask.sum(), s)
     assert torch.allclose(expected_grad, exact, atol=1e-5)
     assert sampled_token_loss(student, tokens, teacher_lp, torch.zeros(B, T, dtype=torch.bool)).item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_on_policy_loss_is_the_chosen_divergence_on_the_sampled_positions(logits, kind):
+    # step.on_policy_loss shifts the batch (logits at t predict t + 1) and scores only the sampled positions
+    from types import SimpleNamespace
+
+    from backpack.student.step import on_policy_loss
+
+    student, teacher = logits
+    ids, vals = teacher_topk(teacher, 3)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    labels[:, :2] = IGNORE  # the prompt
+    batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.ones(B, T, dtype=torch.long),
+             "labels": labels, "kd_ids": ids, "kd_logprobs": vals, "kd_mask": torch.ones(B, T, dtype=torch.bool)}
+    model = lambda **_: SimpleNamespace(logits=student)  # noqa: E731 (the loss needs only the logits)
+    value, m = on_policy_loss(model, batch, kind, beta=0.3)
+    want = topk_divergence(student[:, :-1], ids[:, 1:], vals[:, 1:], labels[:, 1:] != IGNORE, kind, beta=0.3)
+    assert float(value) == pytest.approx(float(want), rel=1e-6)
+    assert m["tokens"] == int((labels[:, 1:] != IGNORE).sum())

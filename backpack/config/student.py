@@ -40,10 +40,11 @@ class OnPolicyConfig(Section):
     lambda_: float = Field(0.5, alias="lambda", ge=0, le=1, description=(
         "objective mixed: the share of optimizer steps trained on the student's own scored samples (GKD's "
         "lambda); the others train on the teachers' stored answers"))
-    loss: Literal["reverse_kl", "sampled"] = Field("reverse_kl", description=(
-        "reverse_kl: KL(student || teacher) on the teacher's top-k at each sampled position (training.top_k, "
-        "with the tail bucket); sampled: the teacher's minus the student's logprob of each sampled token as its "
-        "reward (needs no top-k)"))
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "sampled"] = Field("forward_kl", description=(
+        "forward_kl: KL(teacher || student) on the teacher's top-k at each sampled position (training.top_k, "
+        "with the tail bucket; mass-covering: keeps a weak student from collapsing onto short answers); "
+        "reverse_kl: KL(student || teacher) there; jsd: GKD's generalised Jensen-Shannon (training.beta); "
+        "sampled: the teacher's minus the student's logprob of each sampled token as its reward (needs no top-k)"))
     max_new_tokens: int = Field(64, ge=1, le=4096, description="longest answer the student samples")
     temperature: float = Field(1.0, gt=0, le=5, description="the student's sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="the student's nucleus sampling (1: off)")
@@ -85,8 +86,9 @@ class TrainingConfig(Section):
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
     seed: int = Field(0, description="seeds the model's initialisation and the data order")
     allocator: Literal["auto", "tcmalloc", "system"] = Field("auto", description=(
-        "memory allocator of the training workers: `auto`: tcmalloc when the machine has it, else glibc's; "
-        "`tcmalloc`: require it; `system`: glibc's malloc"))
+        "memory allocator of the training workers: `auto`: glibc's malloc set to keep the memory it took (no "
+        "package needed; the fastest measured, benchmarks/allocator.py); `tcmalloc`: preload tcmalloc (the "
+        "system's package, required); `system`: glibc's malloc as it is, one arena"))
 
     _resources = field_validator("resources_per_worker")(classmethod(lambda cls, v: check_custom_resources(v)))
 

@@ -1,13 +1,15 @@
-"""Which memory allocator Ray Train workers run with.
+"""Which memory allocator settings Ray Train workers run with.
 
-CPU training allocates and frees large, differently sized tensors every step (batches have different lengths).
-glibc's malloc returns much of that memory to the kernel and takes it back page by page; tcmalloc keeps it.
-Measured here (SmolLM2-135M student, every other layer, full fine-tuning, batch 8 x 256, 2 threads): 5.3 s per
-step with glibc, 3.8 s with tcmalloc preloaded, the same on a worker's main thread or on the thread Ray Train
-runs the loop on. With glibc, one malloc arena (MALLOC_ARENA_MAX=1) is the better setting for that thread.
+CPU training allocates and frees large, differently sized tensors every step (batches have different lengths;
+the logits of one micro-batch are hundreds of MB). glibc's malloc serves every block over 32 MB with its own
+mmap and unmaps it on free, and trims the heap's top, so each step faults that memory in again, page by page.
+`auto` keeps glibc but tells it to keep what it took (one arena, no mmap for large blocks, no trimming), through
+its documented environment variables: no library to install. benchmarks/allocator.py measures it against
+glibc's defaults, tcmalloc, mimalloc, jemalloc and tbbmalloc (numbers in benchmarks/README.md): it is the
+fastest of them here, tcmalloc second, the other three no faster than glibc's defaults.
 
-The library must be preloaded when the worker process starts, so the choice is made on the driver and passed to
-the workers as environment variables; a cluster's nodes need the same image (and the same library path).
+The settings must be in place when the worker process starts, so the choice is made on the driver and passed to
+the workers as environment variables; a cluster's nodes get the same variables (tcmalloc: the same library path).
 """
 
 from __future__ import annotations
@@ -20,8 +22,15 @@ from typing import Optional
 from backpack.errors import InputError
 
 # Debian/Ubuntu: apt install libtcmalloc-minimal4; Fedora/RHEL: gperftools-libs; conda: gperftools.
-_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so")
+_TCMALLOC = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so")
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+# glibc keeping its memory (mallopt(3)'s variables): one arena (the training thread's), large blocks from the
+# heap instead of their own mmap (MMAP_MAX 0), the heap's top never given back (a trim threshold of 1 TiB), and
+# the heap grown 1 GiB at a time (TOP_PAD: fewer, larger extensions; pages not touched cost no memory).
+KEEP_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+               "MALLOC_TOP_PAD_": str(1 << 30)}
+_GLIBC_VARS = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def find_tcmalloc() -> Optional[str]:
@@ -30,7 +39,7 @@ def find_tcmalloc() -> Optional[str]:
     if os.environ.get("CONDA_PREFIX"):
         dirs.insert(0, os.path.join(os.environ["CONDA_PREFIX"], "lib"))
     for d in dirs:
-        for name in _NAMES:
+        for name in _TCMALLOC:
             if (Path(d) / name).is_file():
                 return str(Path(d) / name)
     try:  # other layouts: ask the dynamic linker's cache
@@ -44,27 +53,36 @@ def find_tcmalloc() -> Optional[str]:
 
 
 def worker_env(allocator: str, environ: Optional[dict] = None) -> dict[str, str]:
-    """Environment variables for a training worker process, for `training.allocator`:
-    "auto" preloads tcmalloc when this machine has it, "tcmalloc" requires it, "system" keeps glibc's malloc.
-    A user's own LD_PRELOAD or MALLOC_ARENA_MAX wins."""
+    """Environment variables for a training worker process, for `training.allocator`: "auto" keeps glibc's
+    malloc with the KEEP_MEMORY settings, "tcmalloc" preloads tcmalloc (an error when the machine lacks it),
+    "system" leaves glibc's malloc as it is, but with one arena. A user's own LD_PRELOAD or glibc malloc
+    variables win."""
     environ = os.environ if environ is None else environ
     if environ.get("LD_PRELOAD"):
         return {"LD_PRELOAD": environ["LD_PRELOAD"]}
-    if allocator != "system":
+    own = {k: environ[k] for k in _GLIBC_VARS if environ.get(k)}
+    if own:
+        return own
+    if allocator == "tcmalloc":
         path = find_tcmalloc()
-        if path:
-            return {"LD_PRELOAD": path}
-        if allocator == "tcmalloc":
+        if not path:
             raise InputError("training.allocator='tcmalloc' but no tcmalloc library was found on this machine: "
                              "install it (Debian/Ubuntu: apt install libtcmalloc-minimal4) or set "
                              "training.allocator=auto")
-    return {"MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX", "1")}
+        return {"LD_PRELOAD": path}
+    if allocator == "auto":
+        return dict(KEEP_MEMORY)
+    return {"MALLOC_ARENA_MAX": "1"}
 
 
 def loaded_allocator() -> str:
-    """"tcmalloc" if this process runs with tcmalloc loaded (read from /proc/self/maps), else "system"."""
+    """The allocator this process runs with: "tcmalloc" if it is loaded (read from /proc/self/maps), "glibc
+    (keeps memory)" under the KEEP_MEMORY settings, else "glibc"."""
     try:
         with open("/proc/self/maps") as f:
-            return "tcmalloc" if "tcmalloc" in f.read() else "system"
+            if "tcmalloc" in f.read():
+                return "tcmalloc"
     except OSError:  # not Linux
-        return "system"
+        pass
+    keeps = all(os.environ.get(k) == v for k, v in KEEP_MEMORY.items())
+    return "glibc (keeps memory)" if keeps else "glibc"

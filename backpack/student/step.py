@@ -24,10 +24,12 @@ def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float = 0.0, 
     return loss, {"ce": float(ce.detach()), "kd": float(kd.detach()), "tokens": int((labels != -100).sum())}
 
 
-def on_policy_loss(model, batch: dict[str, torch.Tensor], loss: str = "reverse_kl") -> tuple[torch.Tensor, dict]:
-    """Loss of `model` on a `collate` batch of its own samples scored by a teacher: "reverse_kl" on the teacher's
-    top-k at each sampled position (kd arrays), or "sampled" (teacher_logprobs: the teacher's logprob of each
-    sampled token). Returns (loss, {"ce": the samples' NLL under the student, "kd": the loss, "tokens"})."""
+def on_policy_loss(model, batch: dict[str, torch.Tensor], loss: str = "reverse_kl",
+                   beta: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """Loss of `model` on a `collate` batch of its own samples scored by a teacher: a divergence ("reverse_kl",
+    "forward_kl" or "jsd" with `beta`) to the teacher's top-k at each sampled position (kd arrays), or "sampled"
+    (teacher_logprobs: the teacher's logprob of each sampled token).
+    Returns (loss, {"ce": the samples' NLL under the student, "kd": the loss, "tokens"})."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1]
     labels = batch["labels"][:, 1:]
@@ -36,7 +38,7 @@ def on_policy_loss(model, batch: dict[str, torch.Tensor], loss: str = "reverse_k
         value = sampled_token_loss(logits, labels.clamp(min=0), batch["teacher_logprobs"][:, 1:], mask)
     else:
         value = topk_divergence(logits, batch["kd_ids"][:, 1:], batch["kd_logprobs"][:, 1:],
-                                batch["kd_mask"][:, 1:] & mask, divergence="reverse_kl")
+                                batch["kd_mask"][:, 1:] & mask, divergence=loss, beta=beta)
     with torch.no_grad():
         nll = sequence_ce(logits, labels)
     return value, {"ce": float(nll), "kd": float(value.detach()), "tokens": int(mask.sum())}

@@ -114,7 +114,7 @@ class WorkerSession:
         """The usable training Examples of dataset rows (failed rows and over-long prompts are left out)."""
         from backpack.student.examples import build_examples
 
-        use_kd = self.use_kd or (on_policy and self.tc.on_policy.loss == "reverse_kl")
+        use_kd = self.use_kd or (on_policy and self.tc.on_policy.loss != "sampled")
         return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok or on_policy, use_kd)[0]
 
     def forward_backward(self, examples: list, since: Optional[float] = None, on_policy: bool = False) -> None:
@@ -126,13 +126,13 @@ class WorkerSession:
 
         tc, window = self.tc, self.window
         built = time.perf_counter() if since is None else since
-        top_k = tc.top_k if self.use_kd or (on_policy and tc.on_policy.loss == "reverse_kl") else 0
+        top_k = tc.top_k if self.use_kd or (on_policy and tc.on_policy.loss != "sampled") else 0
         tensors = {k: v.to(self.device) for k, v in
                    collate(examples, self.student.tokenizer.pad_token_id, top_k).items()}
         computed = time.perf_counter()
         window["data_s"] += computed - built
         if on_policy:
-            loss, m = on_policy_loss(self.model, tensors, tc.on_policy.loss)
+            loss, m = on_policy_loss(self.model, tensors, tc.on_policy.loss, tc.beta)
         else:
             loss, m = student_loss(self.model, tensors, tc.kd_weight, tc.divergence, tc.beta)
         (loss / tc.grad_accum).backward()
