@@ -7,14 +7,15 @@
 Quickstart (`examples/quickstart.yaml`: every other layer of SmolLM2-135M trained in full, the default model as
 teacher): the teacher answers the prompts once (`generate`); then the student is trained twice from the same
 base for the same steps, off-policy (today's recipe: the teacher's answers, sequence + token-level KD) and
-on-policy (its own samples scored by the teacher, reverse KL on the teacher's top-k), each checkpoint a student
-version. Every version is scored on the held-out prompts: the reverse KL from the student to the teacher on the
-student's own samples (temperature 1, seeded; the teacher scores them in this process: log q - log p per
-token) and the NLL of the teacher's answers. Teacher tokens spent by a version: off-policy, the answer tokens of
-the distinct rows trained on up to its step (the teacher wrote them for that); on-policy, the tokens the
-teachers scored up to its step (its steps read only the prompts of the rows). The ratio printed is
-off-policy's tokens at its final version over on-policy's tokens at its first version that scores as well on
-both (reverse KL per token alone is won by a student that learns to write almost nothing); 0 when none does.
+on-policy (its own samples scored by the teacher; the config's on_policy.loss, forward KL on the teacher's
+top-k), each checkpoint a student version. Every version is scored on the held-out prompts: the reverse KL from
+the student to the teacher on the student's own samples (temperature 1, seeded; the teacher scores them in this
+process: log q - log p per token) and the NLL of the teacher's answers. Teacher tokens spent by a version:
+off-policy, the answer tokens of the distinct rows trained on up to its step (the teacher wrote them for that);
+on-policy, the tokens the teachers scored up to its step (its steps read only the prompts of the rows). The
+ratio printed is off-policy's tokens at its final version over on-policy's tokens at its first version that
+scores as well on both (reverse KL per token alone is won by a student that learns to write almost nothing); 0
+when none does.
 
 Facts (`examples/mental.yaml`, 48 held-out questions): today's context distillation and on-policy context
 distillation (the teacher scores the student's answers with the recalled passage, the student writes without),
