@@ -114,7 +114,7 @@ def main() -> int:
 
     from backpack.config import StudentConfig, TrainingConfig
     from backpack.data.splits import training_dataset
-    from backpack.runtime.allocator import worker_env
+    from backpack.runtime.allocator import KEEP_MEMORY, worker_env
 
     store = dataset_rows(Path(args.dataset), 64)
     student = StudentConfig(mode="full", layers="every_other")
@@ -128,9 +128,9 @@ def main() -> int:
           flush=True)
     # The baseline runs in a Ray worker process too (on its main thread), not in this driver: the driver stays
     # idle, and both paths run under the same process conditions (Ray workers run at nice 15) and with the same
-    # memory allocator (tcmalloc when this machine has it, see backpack/runtime/allocator.py).
+    # memory allocator settings (training.allocator's, see backpack/runtime/allocator.py).
     env = worker_env(tc.allocator)
-    allocator = "tcmalloc" if "LD_PRELOAD" in env else "system malloc"
+    allocator = "tcmalloc" if "LD_PRELOAD" in env else ("glibc, keeps memory" if env == KEEP_MEMORY else "glibc")
 
     def baseline(env: dict) -> tuple[float, list[int]]:
         task = ray.remote(num_cpus=args.threads, max_calls=1)(plain_loop)
@@ -147,9 +147,9 @@ def main() -> int:
         if workers == 1 and tokens != base_tokens:
             print(f"note: Ray Train read other batches than the plain loop (answer tokens per step "
                   f"{tokens} vs {base_tokens}): the ratio compares different work")
-    if "LD_PRELOAD" in env:  # what the allocator is worth: the same loop with glibc's malloc
+    if env != worker_env("system", environ={}):  # what the allocator is worth: the same loop, glibc as it is
         glibc, _ = baseline(worker_env("system", environ={}))
-        results.insert(1, ("plain PyTorch loop (system malloc)", "1x" + str(args.threads), glibc, 0.0, 0.0))
+        results.insert(1, ("plain PyTorch loop (glibc)", "1x" + str(args.threads), glibc, 0.0, 0.0))
     ray.shutdown()
     print(f"\n{'path':36} {'workers x threads':>18} {'tok/s':>8} {'ratio':>6} {'start-up s':>11} {'input wait':>11}")
     for name, shape, rate, startup, wait in results:
