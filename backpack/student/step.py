@@ -24,10 +24,10 @@ def student_loss(model, batch: dict[str, torch.Tensor], kd_weight: float = 0.0, 
     return loss, {"ce": float(ce.detach()), "kd": float(kd.detach()), "tokens": int((labels != -100).sum())}
 
 
-def on_policy_loss(model, batch: dict[str, torch.Tensor], loss: str = "reverse_kl",
+def on_policy_loss(model, batch: dict[str, torch.Tensor], loss: str = "forward_kl",
                    beta: float = 0.5) -> tuple[torch.Tensor, dict]:
-    """Loss of `model` on a `collate` batch of its own samples scored by a teacher: a divergence ("reverse_kl",
-    "forward_kl" or "jsd" with `beta`) to the teacher's top-k at each sampled position (kd arrays), or "sampled"
+    """Loss of `model` on a `collate` batch of its own samples scored by a teacher: a divergence ("forward_kl",
+    "reverse_kl" or "jsd" with `beta`) to the teacher's top-k at each sampled position (kd arrays), or "sampled"
     (teacher_logprobs: the teacher's logprob of each sampled token).
     Returns (loss, {"ce": the samples' NLL under the student, "kd": the loss, "tokens"})."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -114,8 +114,12 @@ class WorkerSession:
         """The usable training Examples of dataset rows (failed rows and over-long prompts are left out)."""
         from backpack.student.examples import build_examples
 
-        use_kd = self.use_kd or (on_policy and self.tc.on_policy.loss != "sampled")
-        return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok or on_policy, use_kd)[0]
+        return build_examples(rows, self.student.tokenizer, self.tc.max_len, self.same_tok or on_policy,
+                              self._needs_top_k(on_policy))[0]
+
+    def _needs_top_k(self, on_policy: bool) -> bool:
+        """Whether a batch's teacher top-k is trained on: token-level KD, or an on-policy divergence."""
+        return self.use_kd or (on_policy and self.tc.on_policy.loss != "sampled")
 
     def forward_backward(self, examples: list, since: Optional[float] = None, on_policy: bool = False) -> None:
         """One micro-batch: loss, backward (scaled by 1/grad_accum), window sums. `since`: when building the
@@ -126,7 +130,7 @@ class WorkerSession:
 
         tc, window = self.tc, self.window
         built = time.perf_counter() if since is None else since
-        top_k = tc.top_k if self.use_kd or (on_policy and tc.on_policy.loss != "sampled") else 0
+        top_k = tc.top_k if self._needs_top_k(on_policy) else 0
         tensors = {k: v.to(self.device) for k, v in
                    collate(examples, self.student.tokenizer.pad_token_id, top_k).items()}
         computed = time.perf_counter()
