@@ -93,10 +93,12 @@ def test_the_run_lock_holds_across_machines_when_storage_is_remote(s3, tmp_path)
 def test_distillation_with_its_files_in_an_object_store(ray_session, smol_dir, tiny_model_dir, tmp_path, s3,
                                                          monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (a folder named "s3:" was the bug)
+    # a cache of its own, so the worker downloads what it resumes from; the teacher is the converted default
+    # model's folder (the default by name would convert its GGUF again into that empty cache)
     monkeypatch.setenv("BACKPACK_CACHE", str(tmp_path / "cache"))
     data = {
         "name": "objs", "storage": {"path": s3, "local_path": str(tmp_path / "work")},
-        "teachers": [{"name": "smol", "replicas": 1, "batch_size": 6, "threads": 2, "num_cpus": 1}],
+        "teachers": [{"name": "smol", "model": smol_dir, "replicas": 1, "batch_size": 6, "threads": 2, "num_cpus": 1}],
         "prompts": {"path": str(EXAMPLES / "prompts.jsonl"), "limit": 12},
         "decoding": {"max_new_tokens": 8, "logprobs": 2},
         "student": {"base": tiny_model_dir, "mode": "full"},
