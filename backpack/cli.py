@@ -2,11 +2,14 @@
 
     backpack run CONFIG [key=value ...]          generate, train the student, evaluate (a whole distillation)
     backpack run CONFIG --continual              keep answering pushed prompts, training, serving (Ctrl-C stops)
+    backpack synthesize CONFIG [key=value ...]   the teachers write new prompts from seed tasks, curated
     backpack generate CONFIG [key=value ...]     answer a prompt collection into a versioned dataset
     backpack train CONFIG [key=value ...]        train the run's student (resumes from its last checkpoint)
     backpack eval CONFIG [--version N]           score versions against the teacher, write the report
+    backpack eval CONFIG --judge TEACHER         a teacher grades the versions: win rate against it, 1-10 score
     backpack validate CONFIG [key=value ...]     check a config and print it resolved
-    backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset
+    backpack data show PATH [--rows N]           manifest summary and a few rows of a dataset (of a synthesized
+                                                 prompt set: its funnel and what each filter removed)
     backpack data export PATH --format jsonl     write a dataset as JSON lines
 
 Beside a run, live or not (they reach its Redis; they take [key=value ...] overrides too, see backpack/run/ops.py):
@@ -127,8 +130,13 @@ def cmd_eval(args) -> int:
         print(format_facts(out))
         print(f"answers and scores: {out['path']}")
         return 0
-    report = evaluate(cfg, [args.version] if args.version is not None else None, TerminalReporter(args.quiet))
-    _print_report(report)
+    versions = [args.version] if args.version is not None else None
+    if args.judge:
+        from backpack.run.judge import format_judged, judge
+
+        print(format_judged(args.judge, judge(cfg, args.judge, versions, TerminalReporter(args.quiet))))
+    else:
+        _print_report(evaluate(cfg, versions, TerminalReporter(args.quiet)))
     print(f"report: {_report_path(cfg)}")
     return 0
 
@@ -148,6 +156,10 @@ def cmd_run(args) -> int:
     rep = TerminalReporter(args.quiet)
     t0 = time.perf_counter()
     try:
+        if cfg.synthesis is not None:  # synthesize -> generate -> train -> evaluate
+            from backpack.run.synthesize import synthesize
+
+            print("\n".join(synthesize(cfg, rep).lines(cfg.synthesis.target)))
         gen = generate(cfg, rep)
     finally:
         rep.close()
@@ -173,9 +185,23 @@ def _run_continual(cfg, args) -> int:
 
 
 def cmd_data_show(args) -> int:
-    from backpack.data.inspect import show
+    from backpack.data.inspect import is_synthesis, show, show_synthesis
 
-    print(show(args.path, args.rows, args.version, args.failed))
+    print(show_synthesis(args.path) if is_synthesis(args.path) else show(args.path, args.rows, args.version,
+                                                                          args.failed))
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from backpack.config import load_config
+    from backpack.run.synthesize import synthesize
+
+    cfg = load_config(args.config, args.overrides)
+    rep = TerminalReporter(args.quiet)
+    try:
+        print("\n".join(synthesize(cfg, rep).lines(cfg.synthesis.target)))
+    finally:
+        rep.close()
     return 0
 
 
@@ -258,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(func=func)
         return c
 
+    config_command("synthesize", "the teachers write new prompts from the run's seed tasks; curation keeps the "
+                   "good ones (a new prompt set version)", cmd_synthesize)
     config_command("generate", "answer a prompt collection with the run's teachers into a dataset", cmd_generate)
     config_command("run", "generate, train the student, evaluate: a whole distillation", cmd_run) \
         .add_argument("--continual", action="store_true",
@@ -270,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--questions", default=None, metavar="FILE",
                     help="score fact accuracy on these questions instead (JSONL with reference facts): base "
                          "student, teacher with context, distilled student without and with recall")
+    ev.add_argument("--judge", default=None, metavar="TEACHER",
+                    help="a teacher of the run grades the versions' answers: pairwise against the teacher's "
+                         "answer (both orders, win rate with a 95%% interval) and a 1-10 score")
 
     def side_command(name: str, help: str, func, *positional: tuple[str, dict],
                      json_flag: bool = False) -> argparse.ArgumentParser:

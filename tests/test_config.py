@@ -135,7 +135,7 @@ def test_every_shipped_yaml_loads(path, monkeypatch):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", ["quickstart.yaml", "continual.yaml", "mental.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "continual.yaml", "mental.yaml", "synthesize.yaml"])
 def test_shipped_examples_have_a_comment_above_every_field(name):
     lines = (EXAMPLES / name).read_text().splitlines()
     for i, line in enumerate(lines):

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "backpack"
 # The floors, lowest first: a module imports its own part and the floors below it, never a floor above nor
 # another part of its own floor (parts of one floor stay independent of each other).
 FLOORS = [("core", "errors"), ("config",), ("runtime",), ("data",), ("teachers",), ("mental",),
-          ("scheduling", "student"), ("eval", "serve"), ("run",), ("cli",)]
+          ("scheduling", "student"), ("eval", "serve", "synthesis"), ("run",), ("cli",)]
 CORE_MAY_NOT_IMPORT = ("ray", "redis", "transformers")
 MAX_LINES = 450
 

@@ -12,6 +12,7 @@ the docs' config reference is generated from them), `run.py` putting them togeth
     evaluation.py  eval:
     serve.py       serve:
     mental.py      mental:                   the Mental Process
+    synthesis.py   synthesis:                the teachers writing new prompts, and their curation
     knowledge.py   knowledge packs           the other file a user writes (tasks, passages, experiences)
 """
 
@@ -21,14 +22,16 @@ from backpack.config.evaluation import EvalConfig
 from backpack.config.loader import apply_overrides, load_config, validate_config
 from backpack.config.mental import MentalConfig
 from backpack.config.prompts import DecodingConfig, PromptsConfig
-from backpack.config.run import RunConfig
+from backpack.config.run import SYNTHESIZED, RunConfig
 from backpack.config.scheduling import EnsembleConfig, SchedulerConfig
 from backpack.config.serve import ServeConfig
 from backpack.config.storage import StorageConfig
 from backpack.config.student import ContinualConfig, OnPolicyConfig, StudentConfig, TrainingConfig
+from backpack.config.synthesis import SynthesisConfig, SynthesisFilters
 from backpack.config.teachers import BUILT_BACKENDS, EndpointConfig, LedgerConfig, TeacherConfig, VLLMConfig
 
 __all__ = ["BUILT_BACKENDS", "DEFAULT_MODEL", "ContinualConfig", "DecodingConfig", "EndpointConfig", "EnsembleConfig",
            "EvalConfig", "LedgerConfig", "MentalConfig", "OnPolicyConfig", "PromptsConfig", "RayConfig", "RedisConfig",
-           "RunConfig", "SchedulerConfig", "Section", "ServeConfig", "StorageConfig", "StudentConfig", "TeacherConfig",
+           "RunConfig", "SYNTHESIZED", "SchedulerConfig", "Section", "ServeConfig", "StorageConfig", "StudentConfig",
+           "SynthesisConfig", "SynthesisFilters", "TeacherConfig",
            "TrainingConfig", "VLLMConfig", "apply_overrides", "load_config", "looks_like_path", "validate_config"]

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from backpack.config.base import DEFAULT_MODEL, looks_like_path
 from backpack.config.knowledge import load_pack
-from backpack.config.run import RunConfig
+from backpack.config.run import SYNTHESIZED, RunConfig
 from backpack.core.redact import redact
 from backpack.errors import BackpackError, ConfigError
 
@@ -96,7 +96,13 @@ def _exists(path: str) -> bool:
 def _check_files(cfg: RunConfig) -> list[str]:
     """Checks that need the file system but no model loading."""
     problems = []
-    if not _is_file(cfg.prompts.path):
+    if cfg.synthesis is not None and not _is_file(cfg.synthesis.seeds):
+        problems.append(f"synthesis.seeds: file not found: {_shown(cfg.synthesis.seeds)}")
+    if cfg.synthesis is not None and cfg.synthesis.heldout and not _is_file(cfg.synthesis.heldout):
+        problems.append(f"synthesis.heldout: file not found: {_shown(cfg.synthesis.heldout)}")
+    if cfg.prompts.path == SYNTHESIZED:
+        pass  # written by `backpack synthesize`; generate says so when it is not there yet
+    elif not _is_file(cfg.prompts.path):
         problems.append(f"prompts.path: file not found: {_shown(cfg.prompts.path)}")
     elif Path(cfg.prompts.path).suffix.lower() not in (".jsonl", ".json", ".parquet"):
         problems.append(f"prompts.path: expected a .jsonl or .parquet file (got {cfg.prompts.path!r})")

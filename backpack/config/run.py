@@ -18,8 +18,12 @@ from backpack.config.scheduling import SchedulerConfig
 from backpack.config.serve import ServeConfig
 from backpack.config.storage import StorageConfig, join_uri
 from backpack.config.student import ContinualConfig, StudentConfig, TrainingConfig
+from backpack.config.synthesis import SynthesisConfig
 from backpack.config.teachers import LedgerConfig, TeacherConfig, VLLMConfig
 from backpack.errors import ConfigError
+
+# prompts.path naming the run's latest synthesized prompt set (backpack/run/synthesize.py) instead of a file
+SYNTHESIZED = "synthesized"
 
 
 class RunConfig(Section):
@@ -44,6 +48,8 @@ class RunConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the StudentServer of a continual run")
     mental: Optional[MentalConfig] = Field(None, description=(
         "task knowledge recalled for the teachers (absent: no recall)"))
+    synthesis: Optional[SynthesisConfig] = Field(None, description=(
+        "the teachers write new prompts (`backpack synthesize`; absent: the prompts are all given)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -86,6 +92,17 @@ class RunConfig(Section):
         if e.keep == "logprob" and self.decoding.logprobs == 0:
             raise ValueError("scheduler.ensemble.keep 'logprob' compares the teachers' token logprobs: set "
                              "decoding.logprobs >= 1 (teachers return them only then)")
+        return self
+
+    @model_validator(mode="after")
+    def _synthesis_fits_teachers(self):
+        names = [t.name for t in self.teachers]
+        if self.prompts.path == SYNTHESIZED and self.synthesis is None:
+            raise ValueError(f"prompts.path is {SYNTHESIZED!r} (the run's synthesized prompts) but the config has "
+                             "no synthesis: section")
+        if self.synthesis is not None and self.synthesis.teacher not in (None, *names):
+            raise ValueError(f"synthesis.teacher names unknown teacher {self.synthesis.teacher!r} (the run's "
+                             f"teachers: {', '.join(names)})")
         return self
 
     @model_validator(mode="after")

@@ -1,14 +1,18 @@
-"""Looking at a dataset from the command line: `backpack data show` (the manifest and a few rows) and
-`backpack data export` (every row as JSON lines)."""
+"""Looking at a dataset from the command line: `backpack data show` (the manifest and a few rows, or a synthesized
+prompt set's funnel) and `backpack data export` (every row as JSON lines)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from backpack.data.curation import funnel_lines
+from backpack.data.storage import RunFiles
 from backpack.data.store import DatasetStore
 
 
@@ -55,3 +59,30 @@ def jsonl_lines(path: str, version: Optional[int] = None) -> list[str]:
         row["created_at"] = row["created_at"].isoformat() if row["created_at"] else None
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     return lines
+
+
+def is_synthesis(path: str) -> bool:
+    """Whether `path` is a run's synthesis folder or one of its versions (backpack/run/synthesize.py)."""
+    p = Path(path)
+    return (p / "funnel.json").is_file() or any(p.glob("v*/funnel.json"))
+
+
+def show_synthesis(path: str) -> str:
+    """A synthesized prompt set (a version folder, or the synthesis folder: its latest version): the funnel from
+    generated to kept, then two examples of what each filter removed."""
+    p = Path(path)
+    if not (p / "funnel.json").is_file():
+        p = max(p.glob("v*/funnel.json"), key=lambda f: int(f.parent.name[1:]) if f.parent.name[1:].isdigit() else 0
+                ).parent
+    files = RunFiles.of(str(p))
+    data = json.loads(files.read_text("funnel.json"))
+    lines = [f"synthesized prompts at {files.uri()}: {data['requests']} request(s) "
+             f"({data['failed_requests']} failed), {data['teacher_tokens']} teacher tokens, {data['rounds']} round(s)"]
+    lines += funnel_lines([tuple(s) for s in data["funnel"]])
+    rejected = pq.read_table(io.BytesIO(files.read_bytes("rejected.parquet"))).to_pylist()
+    for reason in dict.fromkeys(r["reason"] for r in rejected):
+        some = [r for r in rejected if r["reason"] == reason][:2]
+        for r in some:
+            dup = f"  (duplicates: {r['duplicate_of'][:60]!r})" if r["duplicate_of"] else ""
+            lines.append(f"  {reason:>8}: {r['text'][:70]!r}{dup}")
+    return "\n".join(lines)

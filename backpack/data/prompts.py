@@ -19,6 +19,8 @@ from backpack.errors import InputError
 
 ROLES = ("system", "user", "assistant")
 _DECODING_FIELDS = set(DecodingParams.__dataclass_fields__)
+# Where a synthesized prompt came from (backpack/run/synthesize.py): read with the prompt, not sent
+PROVENANCE_FIELDS = {"source", "seed_ids", "written_by", "round", "reply_id"}
 
 
 @dataclass
@@ -34,7 +36,7 @@ def parse_record(rec, where: str, default_task: str, decoding: DecodingParams, m
     """One decoded record -> Query, or raise ValueError with a message naming the problem."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    unknown = set(rec) - {"id", "task", "prompt", "messages", "teacher", "system", "decoding"}
+    unknown = set(rec) - {"id", "task", "prompt", "messages", "teacher", "system", "decoding"} - PROVENANCE_FIELDS
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
     try:  # JSON may spell a lone surrogate (\ud800) that no UTF-8 store, Arrow column or Redis stream takes

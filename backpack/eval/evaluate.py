@@ -46,7 +46,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], name: str, max_new_tokens
 
     With `generate=False` only the teacher-forced metrics are computed (nll, perplexity, kl_to_teacher, with
     eval_rows, eval_tokens, params): one forward pass per batch and no greedy answers, so the keys that need
-    them (chrf, gen_tokens_per_s, samples) are left out. The promotion gate uses this for nll and kl."""
+    them (chrf, gen_tokens_per_s, answers, samples) are left out. The promotion gate uses this for nll and kl."""
     rows = [r for r in rows if r["status"] == "ok"]
     if not rows:
         raise ValueError("no held-out rows to evaluate on")
@@ -79,5 +79,6 @@ def _greedy_metrics(model, tokenizer, rows: list[dict], name: str, max_new_token
     chrf = CHRF().corpus_score(hyps, [refs]).score
     gen_tokens = sum(a.tokens_generated for a in answers)
     return {"chrf": chrf, "gen_tokens_per_s": gen_tokens / seconds if seconds else 0.0,
+            "answers": {r["query_id"]: h for r, h in zip(rows, hyps)},  # what a judge grades (backpack eval --judge)
             "samples": [{"prompt": r["messages"][-1]["content"], "teacher": r["text"], "student": h}
                         for r, h in list(zip(rows, hyps))[:3]]}

@@ -63,6 +63,17 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
             lines += ["", f"**Prompt:** {s['prompt']}", "",
                       f"- student (step {s['step']}): {s['student']}",
                       f"- teacher's mean logprob per token of it: {s['teacher_logprob_per_token']:.3f}"]
+    for judge, by_version in (extra.get("judge") or {}).items():
+        lines += ["", f"## Judged by {judge}", "",
+                  "Pairwise against the teacher's answer, both orders (win 1, tie 0.5); single-answer score 1-10 "
+                  "with the teacher's answer as reference.", "",
+                  "| version | win rate | ± 95% | wins / ties / losses | position-inconsistent | score 1-10 | "
+                  "unparsed |", "|---|---|---|---|---|---|---|"]
+        for v, j in sorted(by_version.items(), key=lambda kv: int(kv[0])):
+            p, r = j["pairwise"], j["rubric"]
+            lines.append(f"| {v} | {p['win_rate']:.3f} | {p['ci95']:.3f} | {p['wins']} / {p['ties']} / "
+                         f"{p['losses']} | {p['inconsistent']} | {r['mean']:.2f} | "
+                         f"{p['unparsed'] + r['unparsed']} |")
     if evals and evals[-1].get("samples"):
         lines += ["", "## Samples (last version)", ""]
         for s in evals[-1]["samples"]:

@@ -1,5 +1,6 @@
 """The drivers: what each command does, and the one place plain classes become Ray actors.
 
+    synthesize.py  backpack synthesize   seed tasks -> teachers write prompts -> curated prompt set
     generate.py    backpack generate     prompts -> teachers -> dataset (resumable)
     train.py       backpack train        Ray Train on the dataset (resumes from the last checkpoint)
     evaluate.py    backpack eval         versions scored on held-out rows, the report

@@ -179,12 +179,13 @@ class ContinualRun:
         """The config's prompt collection, if any, is pushed to the intake first (once: duplicates are skipped,
         so a restart pushes nothing new)."""
         from backpack.data.prompts import read_prompts
+        from backpack.run.synthesize import prompt_file
 
         p = self.cfg.prompts
         if not p or not p.path:
             return
-        queries, rejected = read_prompts(p.path, self.cfg.decoding.params(), p.default_task, p.limit, p.max_chars,
-                                         p.override_caps(self.cfg.decoding))
+        queries, rejected = read_prompts(prompt_file(self.cfg), self.cfg.decoding.params(), p.default_task, p.limit,
+                                         p.max_chars, p.override_caps(self.cfg.decoding))
         accepted, duplicates = Intake(self.url, self.cfg.name).push_many(queries)
         self.rep.stage(f"prompts from {p.path}: {accepted} pushed to the intake, {duplicates} already pushed"
                        + (f", {len(rejected)} rejected (bad records)" if rejected else ""))

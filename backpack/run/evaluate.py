@@ -20,7 +20,9 @@ from backpack.runtime.session import attach_redis
 
 def _eval_key(cfg: RunConfig) -> str:
     """The settings an evaluation depends on: a cached one is reused only under the same."""
-    return hashlib.sha256(json.dumps([cfg.eval.model_dump(), cfg.training.max_len]).encode()).hexdigest()[:12]
+    # "answers": evaluations hold every greedy answer since the judge grades them (older ones are made again)
+    return hashlib.sha256(json.dumps([cfg.eval.model_dump(), cfg.training.max_len, "answers"]).encode()
+                          ).hexdigest()[:12]
 
 
 ON_POLICY_COUNTS = ("on_policy_batches", "off_policy_batches", "scored_samples", "scored_tokens", "failed_scores",
@@ -46,6 +48,22 @@ def on_policy_of(files, training: list[dict], samples: int = 3) -> dict:
     return {"on_policy": out}
 
 
+def judged_of(files) -> dict:
+    """{"judge": {judge: {version: its verdicts' summary}}} from `backpack eval --judge` runs, or {}."""
+    out = {}
+    for path in files.glob("eval", ".json"):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("judge-"):
+            out[name[len("judge-"):-len(".json")]] = json.loads(files.read_text(path))
+    return {"judge": out} if out else {}
+
+
+def heldout_rows(cfg: RunConfig, store: DatasetStore) -> list[dict]:
+    """The held-out rows every version is scored on (the same ones for the metrics and the judge)."""
+    _, held = split(store, cfg.eval.heldout_fraction)
+    return sorted(held, key=lambda r: r["query_id"])[: cfg.eval.max_rows]
+
+
 def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Optional[Reporter] = None) -> dict:
     """Score version 0 and the run's versions (or `versions`) on held-out rows; write the report."""
     import torch
@@ -60,8 +78,7 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
     ec, files = cfg.eval, run_files(cfg)
     torch.set_num_threads(os.cpu_count() or 1)
     store = DatasetStore(str(cfg.dataset_dir), create=False)
-    _, held = split(store, ec.heldout_fraction)
-    held = sorted(held, key=lambda r: r["query_id"])[: ec.max_rows]
+    held = heldout_rows(cfg, store)
     if not held:
         raise InputError(f"no held-out rows to evaluate on (eval.heldout_fraction={ec.heldout_fraction} of "
                          f"{store.read(columns=['query_id']).num_rows} rows): generate more prompts or raise it")
@@ -92,7 +109,7 @@ def evaluate(cfg: RunConfig, versions: Optional[list[int]] = None, reporter: Opt
     training = [json.loads(line) for line in (files.read_text("train/metrics.jsonl") or "").splitlines()]
     extra = {"dataset_version": store.version, "heldout_rows": len(held), "student": cfg.student.model_dump(),
              "teachers": usage_of(cfg), "incidents": incidents_of(cfg), "replicas": replicas_of(cfg),
-             **on_policy_of(files, training)}
+             **on_policy_of(files, training), **judged_of(files)}
     if files.local:
         return write_report(cfg.run_dir / "report", cfg.name, results, training, extra)
     with tempfile.TemporaryDirectory() as d:  # written here, then copied to the object store

@@ -20,6 +20,7 @@ from backpack.data.prompts import read_prompts
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, cause_of
 from backpack.run.generation import Generation
+from backpack.run.synthesize import prompt_file
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
 
@@ -51,7 +52,7 @@ def generate(cfg: RunConfig, reporter: Optional[Reporter] = None) -> GenerateRes
     rep = reporter or Reporter()
     t0 = time.perf_counter()
     with RunSession(cfg, rep) as session:
-        queries, rejected = read_prompts(cfg.prompts.path, cfg.decoding.params(), cfg.prompts.default_task,
+        queries, rejected = read_prompts(prompt_file(cfg), cfg.decoding.params(), cfg.prompts.default_task,
                                          cfg.prompts.limit, cfg.prompts.max_chars,
                                          cfg.prompts.override_caps(cfg.decoding))
         store = DatasetStore(str(cfg.dataset_dir))

@@ -29,7 +29,8 @@ SECTIONS = [("", "RunConfig"), ("ray", "RayConfig"), ("redis", "RedisConfig"), (
             ("decoding", "DecodingConfig"), ("scheduler", "SchedulerConfig"), ("scheduler.ensemble", "EnsembleConfig"),
             ("student", "StudentConfig"), ("training", "TrainingConfig"), ("training.on_policy", "OnPolicyConfig"),
             ("eval", "EvalConfig"),
-            ("continual", "ContinualConfig"), ("serve", "ServeConfig"), ("mental", "MentalConfig")]
+            ("continual", "ContinualConfig"), ("serve", "ServeConfig"), ("mental", "MentalConfig"),
+            ("synthesis", "SynthesisConfig"), ("synthesis.filters", "SynthesisFilters")]
 BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<", "min_length": "at least {} items"}
 
 
@@ -135,9 +136,11 @@ API = {
     "backpack.config.loader": ["load_config", "validate_config", "apply_overrides"],
     "backpack.config.run": ["RunConfig"],
     "backpack.config.knowledge": ["load_pack", "parse_pack", "pack_jsonl"],
+    "backpack.run.synthesize": ["synthesize", "SynthesisResult"],
     "backpack.run.generate": ["generate", "GenerateResult"],
     "backpack.run.train": ["train"],
     "backpack.run.evaluate": ["evaluate"],
+    "backpack.run.judge": ["judge"],
     "backpack.run.continual": ["ContinualRun", "ContinualResult"],
     "backpack.run.supervisor": ["Supervisor", "Observation"],
     "backpack.run.ops": ["ingest", "status", "versions", "promote", "rollback"],
@@ -145,7 +148,9 @@ API = {
     "backpack.data.prompts": ["read_prompts", "parse_record"],
     "backpack.data.splits": ["is_heldout", "split", "training_rows"],
     "backpack.data.storage": ["RunFiles", "run_files", "local_folder"],
-    "backpack.data.inspect": ["show", "jsonl_lines"],
+    "backpack.data.inspect": ["show", "show_synthesis", "jsonl_lines"],
+    "backpack.data.curation": ["curate", "Filters", "Curated"],
+    "backpack.synthesis.self_instruct": ["build_requests", "parse_reply"],
     "backpack.scheduling.intake": ["Intake", "backlog", "IntakeSource"],
     "backpack.scheduling.scheduler": ["Scheduler", "settings"],
     "backpack.teachers.base": ["Teacher", "answer_table"],
@@ -161,6 +166,7 @@ API = {
     "backpack.eval.evaluate": ["evaluate_model"],
     "backpack.eval.gate": ["decide", "Gate"],
     "backpack.eval.knowledge": ["evaluate_facts"],
+    "backpack.eval.judge": ["aggregate_pairwise", "parse_verdict", "parse_rubric"],
     "backpack.runtime.session": ["RunSession", "attach_redis"],
     "backpack.runtime.redis_server": ["EmbeddedRedis", "connect"],
     "backpack.runtime.local_cluster": ["LocalCluster"],

@@ -1,0 +1,58 @@
+"""`synthesis:`: the teachers write new prompts (`backpack synthesize`), then curation keeps the good ones."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from backpack.config.base import Section
+
+
+class SynthesisFilters(Section):
+    """What a synthesized prompt must satisfy to be kept (backpack/data/curation.py; every removed prompt is kept in
+    the rejected table with its reason)."""
+
+    min_chars: int = Field(12, ge=1, description="shorter prompts are rejected (format)")
+    max_chars: int = Field(1000, ge=1, description="longer prompts are rejected (format)")
+    near_threshold: float = Field(0.6, gt=0, le=1, description=(
+        "MinHash Jaccard over character 5-grams at which two prompts are near-duplicates (of a kept prompt, a "
+        "seed or a held-out prompt)"))
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is over max_chars {self.max_chars}")
+        return self
+
+
+class SynthesisConfig(Section):
+    """Self-Instruct from seed tasks: each request shows a few sampled seeds and a few prompts already kept and
+    asks a teacher for new, different ones; rounds go on until `target` prompts are kept."""
+
+    source: Literal["seeds"] = Field("seeds", description="where new prompts come from: seeds (a seed prompt file)")
+    seeds: str = Field(description="the seed tasks: a prompt file (JSONL or Parquet, the prompt-file format)")
+    seed_limit: Optional[int] = Field(None, ge=1, description="use only the first N seeds")
+    target: int = Field(100, ge=1, description="prompts to keep")
+    max_target: int = Field(10_000, ge=1, description="the most `target` may ask for (a guard against a typo's bill)")
+    rounds: int = Field(20, ge=1, description="most rounds of requests (each round sees the prompts kept before it)")
+    requests_per_round: int = Field(16, ge=1, le=4096, description="requests sent to the teachers per round")
+    per_request: int = Field(8, ge=1, le=64, description="new prompts asked for in each request")
+    seeds_shown: int = Field(3, ge=1, le=16, description="seed prompts shown in each request")
+    generated_shown: int = Field(2, ge=0, le=16, description="already kept prompts shown in each request")
+    teacher: Optional[str] = Field(None, description="the teacher that writes (null: the scheduler routes)")
+    temperature: float = Field(0.9, gt=0, le=2, description="sampling temperature of the writing teacher")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling of the writing teacher")
+    max_new_tokens: int = Field(256, ge=16, le=8192, description="most tokens of one request's reply")
+    seed: int = Field(0, ge=0, description="seeds the choice of examples shown and the teachers' sampling")
+    heldout: Optional[str] = Field(None, description=(
+        "a prompt file whose prompts must not appear in the synthesized set (evaluation prompts: near-duplicates "
+        "of them are rejected as leaks)"))
+    filters: SynthesisFilters = Field(default_factory=SynthesisFilters, description="what a kept prompt satisfies")
+
+    @model_validator(mode="after")
+    def _target_within_limit(self):
+        if self.target > self.max_target:
+            raise ValueError(f"target {self.target} is over max_target {self.max_target} (raise max_target if "
+                             "you mean it)")
+        return self

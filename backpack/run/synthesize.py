@@ -1,0 +1,225 @@
+"""`backpack synthesize`: the teachers write new prompts from the run's seed tasks, curation keeps the good ones.
+
+Rounds of Self-Instruct requests (backpack/synthesis/self_instruct.py) go through the scheduler like any
+prompt, so routing, retries, the ledger and accounting apply, and every reply is stored in the run's
+`synthesis/replies` dataset (a rerun sends only what is not stored: it resumes). After each round every
+candidate so far is curated (backpack/data/curation.py); rounds stop when `target` prompts are kept.
+
+Each run writes a new version `synthesis/v<N>/`: `prompts.parquet` (the prompt-file columns id, task, prompt,
+plus provenance: source, seed_ids, written_by, round, reply_id), `rejected.parquet` (every removed candidate,
+its reason and the prompt it duplicates) and `funnel.json`. `prompts.path: synthesized` reads the latest one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from backpack.config import SYNTHESIZED, RunConfig
+from backpack.core.schema import queries_to_table
+from backpack.core.types import OK, DecodingParams, Query
+from backpack.data.curation import FILTERS, Filters, curate, funnel_lines
+from backpack.data.prompts import read_prompts
+from backpack.data.storage import RunFiles, run_files
+from backpack.data.store import DatasetStore
+from backpack.errors import InputError
+from backpack.run.generation import Generation
+from backpack.runtime.progress import RedisProgress, Reporter
+from backpack.runtime.session import RunSession
+from backpack.synthesis.self_instruct import Seed, build_requests, parse_reply
+
+REQUEST_TASK = "synthesize"
+PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
+                           ("source", pa.string()), ("seed_ids", pa.list_(pa.string())),
+                           ("written_by", pa.string()), ("round", pa.int32()), ("reply_id", pa.string())])
+REJECTED_SCHEMA = pa.schema([("text", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()),
+                             ("written_by", pa.string()), ("round", pa.int32()), ("reply_id", pa.string())])
+
+
+@dataclass
+class SynthesisResult:
+    version: int
+    path: str                          # the kept prompts' Parquet file
+    kept: int
+    generated: int
+    funnel: list = field(default_factory=list)
+    rounds: int = 0
+    requests: int = 0
+    failed_requests: int = 0
+    tokens: int = 0                    # teacher tokens written for the replies of this run's requests
+    seconds: float = 0.0
+
+    def lines(self, target: int) -> list[str]:
+        """What `backpack synthesize` prints: the funnel, then the set and what it cost."""
+        out = funnel_lines(self.funnel)
+        out.append(f"synthesized prompt set v{self.version} at {self.path}: kept {self.kept} of {self.generated} "
+                   f"candidate(s) from {self.requests} request(s) ({self.failed_requests} failed) in {self.rounds} "
+                   f"round(s), {self.tokens} teacher tokens, {self.seconds:.1f} s")
+        if self.kept < target:
+            out.append(f"fewer than the target of {target}: raise synthesis.rounds (or requests_per_round) and "
+                       "run again (the stored replies are reused)")
+        out.append(f"use it with prompts.path: synthesized; what was removed: backpack data show "
+                   f"{self.path.rsplit('/', 1)[0]}")
+        return out
+
+
+def synthesis_files(cfg: RunConfig) -> RunFiles:
+    return run_files(cfg).sub("synthesis")
+
+
+def latest_version(files: RunFiles) -> int:
+    versions = [int(p.split("/")[0][1:]) for p in files.glob("", "/funnel.json") if p.split("/")[0][1:].isdigit()]
+    return max(versions, default=0)
+
+
+def synthesized_prompts(cfg: RunConfig) -> str:
+    """The local path of the run's latest synthesized prompt set (`prompts.path: synthesized`), downloaded into
+    the run folder when the run's files are in an object store."""
+    files = synthesis_files(cfg)
+    version = latest_version(files)
+    if not version:
+        raise InputError(f"prompts.path is {SYNTHESIZED!r} but run {cfg.name!r} has no synthesized prompts yet: "
+                         "run `backpack synthesize` with this config first")
+    rel = f"v{version}/prompts.parquet"
+    if files.local:
+        return files.path(rel)
+    local = cfg.run_dir / "synthesis" / rel
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(files.read_bytes(rel))
+    return str(local)
+
+
+def prompt_file(cfg: RunConfig) -> str:
+    """The run's prompt file: prompts.path, or the latest synthesized set where it says `synthesized`."""
+    return synthesized_prompts(cfg) if cfg.prompts.path == SYNTHESIZED else cfg.prompts.path
+
+
+def read_seeds(path: str, limit: Optional[int]) -> list[Seed]:
+    """The seed tasks: every record must be usable (a seed file is small and hand-written: a bad record is an
+    error naming it, not a failed row)."""
+    queries, rejected = read_prompts(path, DecodingParams(), "default", limit)
+    if rejected:
+        raise InputError(f"seed file {path!r}: {rejected[0].reason}"
+                         + (f" (and {len(rejected) - 1} more bad record(s))" if len(rejected) > 1 else ""))
+    return [Seed(q.id, q.task, q.messages[-1]["content"]) for q in queries]
+
+
+def _heldout_texts(path: Optional[str]) -> list[str]:
+    if not path:
+        return []
+    queries, _ = read_prompts(path, DecodingParams(), "default")
+    return [q.messages[-1]["content"] for q in queries]
+
+
+def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> SynthesisResult:
+    """Synthesize `cfg.synthesis.target` prompts (see the module docstring); one run of a name at a time."""
+    syn = cfg.synthesis
+    if syn is None:
+        raise InputError(f"run {cfg.name!r} has no synthesis: section (see examples/synthesize.yaml)")
+    rep = reporter or Reporter()
+    t0 = time.perf_counter()
+    seeds = read_seeds(syn.seeds, syn.seed_limit)
+    heldout = _heldout_texts(syn.heldout)
+    seed_texts = [s.text for s in seeds]
+    filters = Filters(syn.filters.min_chars, syn.filters.max_chars, syn.filters.near_threshold)
+    decoding = DecodingParams(max_new_tokens=syn.max_new_tokens, temperature=syn.temperature, top_p=syn.top_p)
+    result = SynthesisResult(0, "", 0, 0)
+    with RunSession(cfg, rep) as session:
+        replies = DatasetStore(synthesis_files(cfg).uri("replies"))
+        gen: Optional[Generation] = None
+        candidates: list[dict] = []
+        curated = curate([], seed_texts, heldout, filters)
+        for round_ in range(1, syn.rounds + 1):
+            requests = build_requests(round_, syn.requests_per_round, seeds, curated.texts, syn.per_request,
+                                      syn.seeds_shown, syn.generated_shown, syn.seed)
+            queries = [Query(messages=r.messages, task=REQUEST_TASK, teacher=syn.teacher,
+                             decoding=DecodingParams(**{**vars(decoding), "seed": syn.seed * 100_003 + round_ * 4099
+                                                        + r.index})) for r in requests]
+            stored = replies.query_status()
+            todo = [q for q in queries if stored.get(q.id) != OK]
+            if todo:
+                if gen is None:
+                    gen = _start(session)
+                rep.stage(f"round {round_}: {len(todo)} request(s) to the teachers "
+                          f"({len(curated.texts)}/{syn.target} kept so far)")
+                _send(session, gen, replies, todo)
+            columns = ["query_id", "status", "text", "teacher", "completion_tokens"]
+            rows = {r["query_id"]: r for r in replies.read(columns=columns).to_pylist()} if replies.version else {}
+            for q, r in zip(queries, requests):
+                row = rows.get(q.id)
+                result.requests += 1
+                if row is None or row["status"] != OK:
+                    result.failed_requests += 1
+                    continue
+                result.tokens += row["completion_tokens"] or 0
+                for text in parse_reply(row["text"]):
+                    candidates.append({"text": text, "task": r.task, "seed_ids": r.seed_ids,
+                                       "written_by": row["teacher"], "round": round_, "reply_id": q.id})
+            curated = curate([c["text"] for c in candidates], seed_texts, heldout, filters)
+            result.rounds = round_
+            if len(curated.texts) >= syn.target:
+                break
+        result = _write(cfg, candidates, curated, syn.target, result)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _start(session: RunSession) -> Generation:
+    gen = Generation(session)
+    session.connect_ray()
+    gen.check_placement()
+    gen.start_teachers()
+    return gen
+
+
+def _send(session: RunSession, gen: Generation, store: DatasetStore, todo: list[Query]) -> None:
+    import ray
+
+    progress = RedisProgress(session.redis_url, session.cfg.name)
+    progress.start(total=len(todo))
+    scheduler = gen.spawn_scheduler(store, progress)
+    try:
+        ray.get(scheduler.run.remote(queries_to_table(todo)))
+    finally:
+        progress.finish()
+        gen.record_counters()
+
+
+def _write(cfg: RunConfig, candidates: list[dict], curated, target: int, result: SynthesisResult) -> SynthesisResult:
+    """A new version: the kept prompts (the first `target`; the rest are rejected as over the target), the
+    rejected ones and the funnel."""
+    files = synthesis_files(cfg)
+    version = latest_version(files) + 1
+    kept_rows, rejected_rows = [], []
+    for n, (i, text) in enumerate(zip(curated.kept, curated.texts)):
+        c = candidates[i]
+        if n >= target:
+            rejected_rows.append({"text": text, "reason": "target", "duplicate_of": None, **_origin(c)})
+            continue
+        qid = Query(messages=[{"role": "user", "content": text}], task=c["task"]).id
+        kept_rows.append({"id": qid, "task": c["task"], "prompt": text, "source": "seeds",
+                          "seed_ids": c["seed_ids"], **_origin(c)})
+    for r in curated.rejected:
+        rejected_rows.append({"text": r.text, "reason": r.reason, "duplicate_of": r.duplicate_of,
+                              **_origin(candidates[r.index])})
+    funnel = list(curated.funnel) + ([("target", len(kept_rows))] if len(curated.texts) > target else [])
+    for name, rows, schema in (("prompts", kept_rows, PROMPT_SCHEMA), ("rejected", rejected_rows, REJECTED_SCHEMA)):
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+        files.write_bytes(f"v{version}/{name}.parquet", buf.getvalue())
+    files.write_text(f"v{version}/funnel.json", json.dumps({
+        "funnel": funnel, "filters": list(FILTERS), "requests": result.requests,
+        "failed_requests": result.failed_requests, "teacher_tokens": result.tokens, "rounds": result.rounds}))
+    result.version, result.path = version, files.uri(f"v{version}/prompts.parquet")
+    result.kept, result.generated, result.funnel = len(kept_rows), len(candidates), funnel
+    return result
+
+
+def _origin(c: dict) -> dict:
+    return {"written_by": c["written_by"], "round": c["round"], "reply_id": c["reply_id"]}

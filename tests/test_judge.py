@@ -1,0 +1,149 @@
+"""A teacher as judge: reading verdicts and scores from malformed replies, both-orders aggregation, and
+`backpack eval --judge` against a scripted judge (a real HTTP server, through the openai teacher and the
+scheduler), with unreadable replies asked again once."""
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from backpack.config import validate_config
+from backpack.errors import InputError
+from backpack.eval.judge import (aggregate_pairwise, pairwise_messages, parse_rubric, parse_verdict, reask_messages,
+                                 rubric_messages)
+
+from conftest import EXAMPLES, run_main
+
+
+def test_verdicts_and_scores_are_read_or_left_unparsed():
+    assert parse_verdict("A is clearer.\nVerdict: B") == "B"
+    assert parse_verdict("**Verdict:** tie") == "tie"
+    assert parse_verdict("Verdict: A ... on reflection, Verdict: [B]") == "B"  # the last one counts
+    for bad in ("", "Answer A is better.", "Verdict: neither", "verdict - C", None):
+        assert parse_verdict(bad) is None
+    assert parse_rubric("Score: 8/10\nReason: correct and short.") == (8.0, "correct and short.")
+    assert parse_rubric("score - 3") == (3.0, "")
+    for bad in ("Score: 11", "Score: 0", "I like it.", "Reason: fine", None):
+        assert parse_rubric(bad) is None
+
+
+def test_both_orders_cancel_a_position_bias_and_ties_count_half():
+    # prompt 0: the student wins in both orders; 1: loses both; 2: a judge that always says A (inconsistent);
+    # 3: tie and win; 4: unparsed in one order (not scored)
+    first = ["A", "B", "A", "tie", None]
+    second = ["B", "A", "A", "B", "B"]
+    r = aggregate_pairwise(first, second)
+    assert (r.judged, r.unparsed, r.wins, r.losses, r.ties, r.inconsistent) == (4, 1, 2, 1, 1, 1)
+    assert r.win_rate == pytest.approx((1 + 0 + 0.5 + 0.75) / 4)
+    points = [1, 0, 0.5, 0.75]
+    sd = math.sqrt(sum((p - r.win_rate) ** 2 for p in points) / 3)
+    assert r.ci95 == pytest.approx(1.96 * sd / 2)
+    with pytest.raises(ValueError):
+        aggregate_pairwise(["A"], [])
+
+
+def test_judge_prompts_hold_both_answers_and_the_reference():
+    text = pairwise_messages("Q?", "ours", "theirs")[0]["content"]
+    assert text.index("ours") < text.index("theirs") and "Verdict: tie" in text
+    guided = rubric_messages("Q?", "ours", "the reference")[0]["content"]
+    assert "the reference" in guided and "reference answer as the standard" in guided
+    assert "Reference" not in rubric_messages("Q?", "ours")[0]["content"]
+    again = reask_messages([{"role": "user", "content": "x"}], "hmm", "rubric")
+    assert [m["role"] for m in again] == ["user", "assistant", "user"] and "Score:" in again[-1]["content"]
+
+
+@pytest.fixture
+def scripted_judge():
+    """An OpenAI-compatible judge that prefers whatever answer comes first and first replies to a rubric
+    request without a score (so each is asked again)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            last = body["messages"][-1]["content"]
+            seen.append(last)
+            if last.startswith("Give only two lines"):
+                reply = "Score: 7\nReason: fine."
+            elif "Rate the answer" in last:
+                reply = "It is an answer."
+            else:
+                reply = "The first is better.\nVerdict: A"
+            data = json.dumps({"choices": [{"index": 0, "message": {"content": reply}, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield seen, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.mark.integration
+def test_eval_judge_against_a_scripted_judge(ray_session, tiny_model_dir, tmp_path, scripted_judge, capsys):
+    from backpack.run.generate import generate
+
+    seen, url = scripted_judge
+    data = {
+        "name": "judged", "storage": {"path": str(tmp_path)},
+        "teachers": [{"name": "tiny", "model": tiny_model_dir, "replicas": 1, "batch_size": 8, "threads": 1,
+                      "num_cpus": 0.5},
+                     {"name": "judge", "backend": "openai", "model": "scripted", "endpoint": {"base_url": url}}],
+        "prompts": {"path": str(EXAMPLES / "prompts.jsonl"), "limit": 12},
+        "decoding": {"max_new_tokens": 4},
+        "student": {"base": tiny_model_dir, "mode": "full"},
+        "eval": {"heldout_fraction": 0.3, "max_rows": 3, "max_new_tokens": 4}}
+    cfg = validate_config({**data, "teachers": data["teachers"][:1]})
+    generate(cfg)  # the tiny teacher's answers: the references the student's are compared with
+    path = tmp_path / "judged.yaml"
+    path.write_text(json.dumps(data))
+    out = run_main(capsys, "eval", str(path), "--judge", "judge")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((cfg.run_dir / "eval" / "judge-judge.json").read_text())
+    v0 = summary["0"]
+    n = v0["prompts"]
+    assert n >= 1
+    # a judge that always prefers the first answer: every prompt is a win and a loss, so the win rate is 0.5
+    p = v0["pairwise"]
+    assert (p["judged"], p["inconsistent"], p["win_rate"], p["unparsed"]) == (n, n, 0.5, 0)
+    # each rubric reply had no score: asked again once, then read
+    assert v0["rubric"]["mean"] == 7 and v0["rubric"]["judged"] == n and v0["reasked"] == n
+    assert sum(s.startswith("Give only two lines") for s in seen) == n
+    assert "judged by judge" in out.stdout and "0 | 0.500" in out.stdout
+    assert "## Judged by judge" in (cfg.run_dir / "report" / "report.md").read_text()
+    # the judge's requests and replies are rows of the run's judge dataset
+    from backpack.data.store import DatasetStore
+
+    rows = DatasetStore(cfg.run_dir / "judge", create=False).read()
+    # (per prompt: two orders, or one where both answers are the same text, a score and its re-ask)
+    assert 3 * n <= rows.num_rows <= 4 * n and set(rows.column("teacher").to_pylist()) == {"judge"}
+    # asked again, nothing new goes to the judge (stored replies are reused)
+    before = len(seen)
+    assert run_main(capsys, "eval", str(path), "--judge", "judge").returncode == 0
+    assert len(seen) == before
+
+
+def test_a_judge_that_is_not_a_teacher_or_is_the_student_is_refused(tmp_path, tiny_model_dir):
+    from backpack.run.judge import judge_teacher
+
+    cfg = validate_config({"name": "j", "storage": {"path": str(tmp_path)},
+                           "teachers": [{"name": "t", "model": tiny_model_dir}],
+                           "prompts": {"path": str(EXAMPLES / "prompts.jsonl")}})
+    with pytest.raises(InputError, match="--judge 'gpt' is not a teacher of run 'j' .its teachers: t"):
+        judge_teacher(cfg, "gpt")
+    student = cfg.run_dir / "students" / "v1"
+    student.mkdir(parents=True)
+    (student / "config.json").write_text("{}")
+    cfg = validate_config({**cfg.model_dump(include={"name", "storage", "prompts"}),
+                           "teachers": [{"name": "self", "model": str(student)}]}, check_files=False)
+    with pytest.raises(InputError, match="is the run's own student"):
+        judge_teacher(cfg, "self")
