@@ -3,10 +3,13 @@ for `ray_session`; the real default model is converted from its GGUF once and ca
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +115,35 @@ def s3():
     finally:
         server.kill()
         server.wait()
+
+
+@contextlib.contextmanager
+def scripted_http(answer):
+    """A real HTTP server on 127.0.0.1 whose POSTs `answer(body, headers)` answers with (status, payload, headers):
+    an OpenAI-compatible endpoint scripted by a test. Yields its /v1 base URL."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, out, headers = answer(body, self.headers)
+            data = out.encode() if isinstance(out, str) else json.dumps(out).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
 
 
 def publish_stub_versions(registry, tmp_path, steps=(10, 20, 30)) -> list[int]:

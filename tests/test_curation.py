@@ -4,7 +4,7 @@ held-out leak check, the refusal and format filters, and a funnel that adds up."
 import json
 import random
 
-from backpack.data.curation import FILTERS, Filters, clean, curate, funnel_lines
+from backpack.data.curation import FILTERS, Filters, clean, curate, funnel_lines, trim_question
 
 from conftest import EXAMPLES
 
@@ -52,9 +52,13 @@ def test_a_paraphrase_of_a_heldout_prompt_is_rejected_as_a_leak_and_seeds_are_no
     seeds = ["Write a haiku about a train station at dawn."]
     got = curate(["Please explain how a refrigerator keeps food cold.",
                   "Write a haiku about a train station at dawn!",
-                  "Describe the water cycle to a ten-year-old."], seeds=seeds, heldout=held)
+                  "Describe the water cycle to a ten-year-old.",
+                  # a held-out prompt copied, then continued at length: its Jaccard is low, it still leaks
+                  "Explain how a refrigerator keeps food cold. This is a classic question about heat pumps, "
+                  "compressors, refrigerants and the way heat moves from the inside of the box to the kitchen."],
+                 seeds=seeds, heldout=held)
     reasons = {r.index: (r.reason, r.duplicate_of) for r in got.rejected}
-    assert reasons == {0: ("heldout", held[0]), 1: ("seed", seeds[0])}
+    assert reasons == {0: ("heldout", held[0]), 1: ("seed", seeds[0]), 3: ("heldout", held[0])}
     assert got.texts == ["Describe the water cycle to a ten-year-old."]
 
 
@@ -81,7 +85,7 @@ def test_every_filter_gives_its_reason_and_the_funnel_adds_up():
     assert len(got.kept) + len(got.rejected) == len(candidates)
     stages = dict(got.funnel)
     assert stages["generated"] == len(candidates) and got.funnel[-1][1] == len(got.kept)
-    assert [s for s, _ in got.funnel][1:] == [f for f in FILTERS if f != "judge"]
+    assert [s for s, _ in got.funnel][1:] == [f for f in FILTERS if f not in ("topic", "judge")]
     assert sum(got.counts().values()) == len(candidates) - len(got.kept)
     assert funnel_lines(got.funnel)[1].strip() == "format: 7  (-4)"
 
@@ -91,3 +95,15 @@ def test_a_judge_threshold_rejects_low_or_missing_scores():
                  filters=Filters(min_judge_score=5), judge_scores=[7, 3, None])
     assert got.texts == ["Name a red fruit."] and {r.reason for r in got.rejected} == {"judge"}
     assert got.funnel[-1] == ("judge", 1)
+
+
+def test_a_question_about_something_else_is_off_topic_and_a_written_answer_is_trimmed():
+    passage = "The Pellucid support line is staffed on Saturdays from 10:00 to 13:00."
+    candidates = [trim_question('Can I phone the support line on a Saturday?" Yes, you can.'),
+                  "What is the capital of Peru?", "When is it open?"]
+    assert candidates[0] == "Can I phone the support line on a Saturday?"
+    got = curate(candidates, references=[passage] * 3)
+    assert got.texts == candidates[:1]
+    assert [(r.index, r.reason) for r in got.rejected] == [(1, "topic"), (2, "topic")]
+    assert ("topic", 1) in got.funnel and got.funnel[-1] == ("near", 1)
+    assert trim_question("Name a planet.") == "Name a planet."

@@ -4,8 +4,6 @@ scheduler), with unreadable replies asked again once."""
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -14,7 +12,7 @@ from backpack.errors import InputError
 from backpack.eval.judge import (aggregate_pairwise, pairwise_messages, parse_rubric, parse_verdict, reask_messages,
                                  rubric_messages)
 
-from conftest import EXAMPLES, run_main
+from conftest import EXAMPLES, run_main, scripted_http
 
 
 def test_verdicts_and_scores_are_read_or_left_unparsed():
@@ -60,32 +58,20 @@ def scripted_judge():
     request without a score (so each is asked again)."""
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            last = body["messages"][-1]["content"]
-            seen.append(last)
-            if last.startswith("Give only two lines"):
-                reply = "Score: 7\nReason: fine."
-            elif "Rate the answer" in last:
-                reply = "It is an answer."
-            else:
-                reply = "The first is better.\nVerdict: A"
-            data = json.dumps({"choices": [{"index": 0, "message": {"content": reply}, "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def answer(body, headers):
+        last = body["messages"][-1]["content"]
+        seen.append(last)
+        if last.startswith("Give only two lines"):
+            reply = "Score: 7\nReason: fine."
+        elif "Rate the answer" in last:
+            reply = "It is an answer."
+        else:
+            reply = "The first is better.\nVerdict: A"
+        return 200, {"choices": [{"index": 0, "message": {"content": reply}, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 5}}, {"Content-Type": "application/json"}
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield seen, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with scripted_http(answer) as url:
+        yield seen, url
 
 
 @pytest.mark.integration

@@ -2,10 +2,8 @@
 a scripted HTTP server (429 then success, 401, 400 for one prompt, garbage, a dead endpoint), and real answers
 from Backpack's own StudentServer, alone and through `generate` with the scheduler."""
 
-import json
 import random
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
@@ -18,7 +16,7 @@ from backpack.teachers.openai import (EndpointError, OpenAITeacher, parse_respon
                                       score_body)
 from backpack.teachers.ratelimit import RateLimiter, backoff_s
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, scripted_http
 
 
 def q(text: str, **decoding) -> Query:
@@ -148,26 +146,9 @@ class Script:
 @pytest.fixture
 def scripted():
     script = Script()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, out, headers = script.answer(body["messages"][-1]["content"], self.headers.get("Authorization"))
-            data = out.encode() if isinstance(out, str) else json.dumps(out).encode()
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield script, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with scripted_http(lambda body, headers: script.answer(body["messages"][-1]["content"],
+                                                           headers.get("Authorization"))) as url:
+        yield script, url
 
 
 def teacher(url: str, monkeypatch, **endpoint) -> OpenAITeacher:

@@ -1,5 +1,5 @@
-"""`backpack synthesize`: Self-Instruct requests and replies (pure), a tiny synthesize -> generate on the default
-model through the real scheduler, and bad seed files refused with one message."""
+"""`backpack synthesize`: Self-Instruct and knowledge-pack requests and replies (pure), a tiny synthesize ->
+generate on the default model through the real scheduler, and bad seed files refused with one message."""
 
 import json
 
@@ -7,6 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from backpack.config import validate_config
+from backpack.config.knowledge import load_pack
+from backpack.errors import ConfigError
+from backpack.synthesis.from_pack import STYLES, build_pack_requests, example_questions, pack_items
 from backpack.synthesis.self_instruct import Seed, build_requests, parse_reply
 
 from conftest import EXAMPLES, run_main
@@ -33,6 +36,49 @@ def test_a_reply_becomes_its_numbered_items():
     assert parse_reply(reply) == ["Name a planet with rings.", "What is 2 + 2?", "Translate 'cat' to French."]
     assert parse_reply("Describe a sunset over the sea.") == ["Describe a sunset over the sea."]
     assert parse_reply("") == []
+
+
+PACK = EXAMPLES / "mental" / "pellucid.yaml"
+
+
+def test_pack_requests_ask_about_every_item_in_every_style():
+    from backpack.synthesis.from_pack import _ASK
+
+    pack = load_pack(PACK)
+    items, examples = pack_items(pack), example_questions(pack)
+    assert len(items) == 21 and len(examples) == 5 and items[-1].text.startswith("Q: ")
+    requests = build_pack_requests(1, 4 * len(items), items, examples, per_request=6, seed=3)
+    assert [r.messages for r in requests] == [r.messages for r in build_pack_requests(
+        1, 4 * len(items), items, examples, per_request=6, seed=3)]  # a rerun sends the same requests
+    by_item = {}
+    for r in requests:
+        text = r.messages[0]["content"]
+        style = next(s for s in STYLES if _ASK[s] in text)
+        by_item.setdefault(r.seed_ids[0], []).append(style)
+        assert r.task == "pellucid" and "Write 6 different questions" in text
+        shown = [it for it in items if it.id in r.seed_ids]
+        assert all(it.text in text for it in shown) and len(shown) == (2 if style == "combine" else 1)
+        assert any(e in text for e in examples)
+    assert sorted(by_item) == sorted(it.id for it in items)
+    assert all(styles == list(STYLES) for styles in by_item.values())
+    later = build_pack_requests(2, 4, items, examples, per_request=6, seed=3)
+    assert [r.seed_ids[0] for r in later] == [it.id for it in (items * 2)[4:8]]  # the walk goes on
+
+
+def test_a_pack_source_needs_a_pack_and_holds_out_a_questions_file(tmp_path):
+    from backpack.run.synthesize import _heldout_texts, _Source
+
+    base = {"name": "syn", "teachers": [{"name": "t"}], "prompts": {"path": "synthesized"}}
+    with pytest.raises(ConfigError, match="neither synthesis.pack nor mental.path"):
+        validate_config({**base, "synthesis": {"source": "pack"}})
+    with pytest.raises(ConfigError, match="source is seeds but no seeds file"):
+        validate_config({**base, "synthesis": {}})
+    cfg = validate_config({**base, "synthesis": {"source": "pack"}, "mental": {"path": str(PACK)}})
+    source = _Source(cfg)
+    assert source.examples[0].startswith("The frame of my Skerry 7") and len(source.items) == 21
+    assert [r.seed_ids[0] for r in source.requests(1, [])][:2] == ["founding", "showroom"]
+    held = _heldout_texts(str(EXAMPLES / "mental" / "questions-48.jsonl"))
+    assert len(held) == 48 and held[0] == "In which year did Pellucid start making bicycles?"
 
 
 def _config(tmp_path, smol_dir, seeds_path, **synthesis):

@@ -96,10 +96,10 @@ def _exists(path: str) -> bool:
 def _check_files(cfg: RunConfig) -> list[str]:
     """Checks that need the file system but no model loading."""
     problems = []
-    if cfg.synthesis is not None and not _is_file(cfg.synthesis.seeds):
-        problems.append(f"synthesis.seeds: file not found: {_shown(cfg.synthesis.seeds)}")
-    if cfg.synthesis is not None and cfg.synthesis.heldout and not _is_file(cfg.synthesis.heldout):
-        problems.append(f"synthesis.heldout: file not found: {_shown(cfg.synthesis.heldout)}")
+    for field in ("seeds", "pack", "heldout"):
+        path = getattr(cfg.synthesis, field) if cfg.synthesis is not None else None
+        if path and not _is_file(path):
+            problems.append(f"synthesis.{field}: file not found: {_shown(path)}")
     if cfg.prompts.path == SYNTHESIZED:
         pass  # written by `backpack synthesize`; generate says so when it is not there yet
     elif not _is_file(cfg.prompts.path):

@@ -103,6 +103,10 @@ class RunConfig(Section):
         if self.synthesis is not None and self.synthesis.teacher not in (None, *names):
             raise ValueError(f"synthesis.teacher names unknown teacher {self.synthesis.teacher!r} (the run's "
                              f"teachers: {', '.join(names)})")
+        syn = self.synthesis
+        if syn is not None and syn.source == "pack" and not syn.pack and not (self.mental and self.mental.path):
+            raise ValueError("synthesis.source is pack but neither synthesis.pack nor mental.path names a "
+                             "knowledge pack")
         return self
 
     @model_validator(mode="after")

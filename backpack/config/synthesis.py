@@ -27,19 +27,26 @@ class SynthesisFilters(Section):
 
 
 class SynthesisConfig(Section):
-    """Self-Instruct from seed tasks: each request shows a few sampled seeds and a few prompts already kept and
-    asks a teacher for new, different ones; rounds go on until `target` prompts are kept."""
+    """Where new prompts come from, and how many to keep. `seeds`: Self-Instruct, each request shows a few sampled
+    seeds and a few prompts already kept and asks a teacher for new, different ones. `pack`: each request shows
+    one passage or experience of a knowledge pack (two, for combined questions) and asks for questions it
+    answers, in a style that changes on each pass over the pack. Rounds go on until `target` prompts are kept."""
 
-    source: Literal["seeds"] = Field("seeds", description="where new prompts come from: seeds (a seed prompt file)")
-    seeds: str = Field(description="the seed tasks: a prompt file (JSONL or Parquet, the prompt-file format)")
+    source: Literal["seeds", "pack"] = Field("seeds", description=(
+        "where new prompts come from: seeds (a seed prompt file) or pack (a knowledge pack's passages)"))
+    seeds: Optional[str] = Field(None, description=(
+        "source seeds: the seed tasks, a prompt file (JSONL or Parquet, the prompt-file format)"))
+    pack: Optional[str] = Field(None, description=(
+        "source pack: the knowledge pack (YAML, JSON or JSONL); null: the run's mental.path"))
     seed_limit: Optional[int] = Field(None, ge=1, description="use only the first N seeds")
     target: int = Field(100, ge=1, description="prompts to keep")
     max_target: int = Field(10_000, ge=1, description="the most `target` may ask for (a guard against a typo's bill)")
     rounds: int = Field(20, ge=1, description="most rounds of requests (each round sees the prompts kept before it)")
     requests_per_round: int = Field(16, ge=1, le=4096, description="requests sent to the teachers per round")
     per_request: int = Field(8, ge=1, le=64, description="new prompts asked for in each request")
-    seeds_shown: int = Field(3, ge=1, le=16, description="seed prompts shown in each request")
-    generated_shown: int = Field(2, ge=0, le=16, description="already kept prompts shown in each request")
+    seeds_shown: int = Field(3, ge=1, le=16, description="source seeds: seed prompts shown in each request")
+    generated_shown: int = Field(2, ge=0, le=16, description=(
+        "source seeds: already kept prompts shown in each request"))
     teacher: Optional[str] = Field(None, description="the teacher that writes (null: the scheduler routes)")
     temperature: float = Field(0.9, gt=0, le=2, description="sampling temperature of the writing teacher")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling of the writing teacher")
@@ -49,6 +56,12 @@ class SynthesisConfig(Section):
         "a prompt file whose prompts must not appear in the synthesized set (evaluation prompts: near-duplicates "
         "of them are rejected as leaks)"))
     filters: SynthesisFilters = Field(default_factory=SynthesisFilters, description="what a kept prompt satisfies")
+
+    @model_validator(mode="after")
+    def _source_given(self):
+        if self.source == "seeds" and not self.seeds:
+            raise ValueError("source is seeds but no seeds file is given (synthesis.seeds: a prompt file)")
+        return self
 
     @model_validator(mode="after")
     def _target_within_limit(self):

@@ -9,9 +9,12 @@ Filters, in order:
               prompts pasted together, leftover numbering or markup)
   refusal     the teacher declined or commented instead of writing a prompt ("I'm sorry", "As an AI")
   question    not a request: no question mark and no instruction verb at its start
+  topic       (with references: a knowledge pack's source) no content word in common with the passage(s) its
+              request showed: a question about something else, which the pack cannot answer
   exact       the same text (case, spacing and punctuation ignored) as a prompt kept before it
-  seed        near-duplicate of a seed prompt (MinHash Jaccard over character 5-grams >= `near_threshold`)
-  heldout     near-duplicate of a held-out evaluation prompt: would leak evaluation into training
+  seed        near-duplicate of a seed prompt (MinHash Jaccard over character 5-grams >= `near_threshold`), or
+              a seed held word for word inside it
+  heldout     the same for a held-out evaluation prompt: would leak evaluation into training
   near        near-duplicate of a prompt kept before it
   judge       (optional) the judge's score below `min_judge_score`
 
@@ -76,7 +79,13 @@ class Curated:
         return out
 
 
-FILTERS = ("format", "refusal", "question", "exact", "seed", "heldout", "near", "judge")
+FILTERS = ("format", "refusal", "question", "topic", "exact", "seed", "heldout", "near", "judge")
+STOPWORDS = frozenset("""
+    about above after again also been before being below between both could does doing down during each every
+    from further have having here into just more most much must only other over same should some such than that
+    their them then there these they this those through under until very were what when where which while whom
+    whose will with would your yours
+""".split())
 
 
 def clean(text: str) -> str:
@@ -107,12 +116,16 @@ def minhash(text: str):
 
 
 class NearIndex:
-    """Prompts indexed for near-duplicate look-up (MinHash LSH at `threshold`)."""
+    """Prompts indexed for near-duplicate look-up (MinHash LSH at `threshold`). With `containment`, a candidate
+    that holds an indexed prompt word for word (a seed copied, then continued) matches it too: its Jaccard
+    similarity falls with every word added, its containment does not."""
 
-    def __init__(self, threshold: float):
+    MIN_CONTAINED = 20  # characters: shorter prompts ("Name a colour") occur inside unrelated ones
+
+    def __init__(self, threshold: float, containment: bool = False):
         from datasketch import MinHashLSH
 
-        self.threshold = threshold
+        self.threshold, self.containment = threshold, containment
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self.hashes: dict[str, object] = {}
         self.texts: dict[str, str] = {}
@@ -124,8 +137,14 @@ class NearIndex:
         self.lsh.insert(key, mh)
         self.hashes[key], self.texts[key] = mh, text
 
-    def match(self, mh) -> Optional[str]:
-        """The indexed prompt most similar to `mh` at or above the threshold, or None."""
+    def match(self, mh, text: str = "") -> Optional[str]:
+        """The indexed prompt most similar to `mh` at or above the threshold (or held in `text`), or None."""
+        if self.containment and text:
+            t = normal(text)
+            for key, other in self.texts.items():
+                o = normal(other)
+                if len(o) >= self.MIN_CONTAINED and o in t:
+                    return other
         best, best_sim = None, self.threshold
         for key in self.lsh.query(mh):
             sim = mh.jaccard(self.hashes[key])
@@ -141,6 +160,20 @@ def _format_problem(text: str, raw: str, f: Filters) -> bool:
     return several or text.count("?") > 3
 
 
+def content_words(text: str) -> set[str]:
+    """Words of four letters or more that carry a topic (the commonest function words left out), a plural's
+    "s" dropped ("Saturdays" is about Saturday)."""
+    words = {w for w in normal(text).split() if len(w) >= 4 and w not in STOPWORDS}
+    return {w[:-1] if w.endswith("s") and len(w) > 4 else w for w in words}
+
+
+def trim_question(text: str) -> str:
+    """A written question without what follows its last question mark (small teachers answer their own
+    questions: "Can I call on a Saturday? Yes." is the question "Can I call on a Saturday?")."""
+    end = text.rfind("?")
+    return text[:end + 1] if end >= 0 else text
+
+
 def _is_request(text: str) -> bool:
     if "?" in text:
         return True
@@ -149,9 +182,12 @@ def _is_request(text: str) -> bool:
 
 
 def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterable[str] = (),
-           filters: Filters = Filters(), judge_scores: Optional[Sequence[Optional[float]]] = None) -> Curated:
-    """Filter `candidates` in order (see the module docstring); every one is kept or rejected with a reason."""
-    seed_index, held_index, kept_index = (NearIndex(filters.near_threshold) for _ in range(3))
+           filters: Filters = Filters(), judge_scores: Optional[Sequence[Optional[float]]] = None,
+           references: Optional[Sequence[str]] = None) -> Curated:
+    """Filter `candidates` in order (see the module docstring); every one is kept or rejected with a reason.
+    `references[i]`, when given, is the text candidate i must be about (the `topic` filter)."""
+    seed_index, held_index = (NearIndex(filters.near_threshold, containment=True) for _ in range(2))
+    kept_index = NearIndex(filters.near_threshold)
     for i, s in enumerate(seeds):
         seed_index.add(f"s{i}", s)
     for i, h in enumerate(heldout):
@@ -175,16 +211,19 @@ def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterab
         if not _is_request(text):
             reject(i, text, "question")
             continue
+        if references is not None and not content_words(text) & content_words(references[i]):
+            reject(i, text, "topic")
+            continue
         key = normal(text)
         if key in exact:
             reject(i, text, "exact", exact[key])
             continue
         mh = minhash(text)
-        dup = seed_index.match(mh)
+        dup = seed_index.match(mh, text)
         if dup is not None:
             reject(i, text, "seed", dup)
             continue
-        dup = held_index.match(mh)
+        dup = held_index.match(mh, text)
         if dup is not None:
             reject(i, text, "heldout", dup)
             continue
@@ -201,8 +240,9 @@ def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterab
         kept.append(i)
         texts.append(text)
     funnel, remaining = [("generated", len(candidates))], len(candidates)
+    used = {"topic": references is not None, "judge": filters.min_judge_score is not None}
     for name in FILTERS:
-        if name == "judge" and filters.min_judge_score is None:
+        if not used.get(name, True):
             continue
         remaining -= left[name]
         funnel.append((name, remaining))

@@ -19,7 +19,7 @@ from backpack.core.types import OK, Completion
 from backpack.data.prompts import read_prompts
 from backpack.data.store import DatasetStore
 from backpack.errors import BackpackError, cause_of
-from backpack.run.generation import Generation
+from backpack.run.generation import Generation, wait_with_progress
 from backpack.run.synthesize import prompt_file
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
@@ -89,7 +89,7 @@ def _answer(session: RunSession, store: DatasetStore, todo: list, result: Genera
     scheduler = gen.spawn_scheduler(store, progress)
     rep.stage(f"generating {len(todo)} prompt(s)")
     try:
-        summary = _wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
+        summary = wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, rep)
     except ray.exceptions.RayActorError as e:
         progress.finish("failed")
         raise BackpackError(f"the scheduler actor died ({cause_of(e)}); answers stored so far "
@@ -103,16 +103,3 @@ def _answer(session: RunSession, store: DatasetStore, todo: list, result: Genera
     result.dead_replicas = summary["dead_replicas"]
     result.not_started = dict(gen.pool.not_started)
     gen.record_incidents({}, result.dead_replicas)
-
-
-def _wait_with_progress(ref, progress: RedisProgress, rep: Reporter) -> dict:
-    import ray
-
-    start = time.perf_counter()
-    while True:
-        done, _ = ray.wait([ref], timeout=0.5)
-        p = progress.read()
-        rep.progress(int(p.get("done", 0)), int(p.get("failed", 0)), int(p.get("total", 0)),
-                     int(p.get("tokens", 0)), time.perf_counter() - start)
-        if done:
-            return ray.get(ref)

@@ -19,6 +19,7 @@ from backpack.mental.setup import prepare_recall
 from backpack.run.actors import spawn_scheduler
 from backpack.run.pool import TeacherPool, kill_actor
 from backpack.runtime import ray_runtime
+from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
 from backpack.scheduling.scheduler import settings
 from backpack.teachers.accounting import INCIDENTS, REPLICAS, incident_lines
@@ -91,3 +92,17 @@ class Generation:
             kill_actor(scheduler)
         self.schedulers = []
         self.pool.shutdown()
+
+
+def wait_with_progress(ref, progress: RedisProgress, rep: Reporter) -> dict:
+    """The result of a scheduler's `run` call, showing its progress (answers, failures, tokens) meanwhile."""
+    import ray
+
+    start = time.perf_counter()
+    while True:
+        done, _ = ray.wait([ref], timeout=0.5)
+        p = progress.read()
+        rep.progress(int(p.get("done", 0)), int(p.get("failed", 0)), int(p.get("total", 0)),
+                     int(p.get("tokens", 0)), time.perf_counter() - start)
+        if done:
+            return ray.get(ref)

@@ -22,7 +22,7 @@ from backpack.errors import InputError
 from backpack.eval.judge import (aggregate_pairwise, pairwise_messages, parse_rubric, parse_verdict, reask_messages,
                                  rubric_messages)
 from backpack.run.evaluate import evaluate, heldout_rows
-from backpack.run.generation import Generation
+from backpack.run.generation import Generation, wait_with_progress
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
 
@@ -101,8 +101,6 @@ class _Asker:
 
     def ask(self, queries: list[Query]) -> dict:
         """{query id: the judge's reply} for each of `queries` answered (stored ones reused; failed ones left out)."""
-        import ray
-
         stored = self.rows.query_status()
         todo = [q for q in queries if stored.get(q.id) != OK]
         if todo:
@@ -115,7 +113,8 @@ class _Asker:
             progress.start(total=len(todo))
             self.session.rep.stage(f"the judge reads {len(todo)} request(s)")
             try:
-                ray.get(self.gen.spawn_scheduler(self.rows, progress).run.remote(queries_to_table(todo)))
+                wait_with_progress(self.gen.spawn_scheduler(self.rows, progress).run.remote(queries_to_table(todo)),
+                                   progress, self.session.rep)
             finally:
                 progress.finish()
         wanted = {q.id for q in queries}

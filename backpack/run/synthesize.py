@@ -1,8 +1,9 @@
-"""`backpack synthesize`: the teachers write new prompts from the run's seed tasks, curation keeps the good ones.
+"""`backpack synthesize`: the teachers write new prompts, curation keeps the good ones.
 
-Rounds of Self-Instruct requests (backpack/synthesis/self_instruct.py) go through the scheduler like any
-prompt, so routing, retries, the ledger and accounting apply, and every reply is stored in the run's
-`synthesis/replies` dataset (a rerun sends only what is not stored: it resumes). After each round every
+The requests come from the run's seed tasks (Self-Instruct, backpack/synthesis/self_instruct.py) or from a
+knowledge pack (questions each passage answers, backpack/synthesis/from_pack.py). Rounds of them go through
+the scheduler like any prompt, so routing, retries, the ledger and accounting apply, and every reply is stored
+in the run's `synthesis/replies` dataset (a rerun sends only what is not stored: it resumes). After each round every
 candidate so far is curated (backpack/data/curation.py); rounds stop when `target` prompts are kept.
 
 Each run writes a new version `synthesis/v<N>/`: `prompts.parquet` (the prompt-file columns id, task, prompt,
@@ -22,16 +23,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from backpack.config import SYNTHESIZED, RunConfig
+from backpack.config.knowledge import load_pack
 from backpack.core.schema import queries_to_table
 from backpack.core.types import OK, DecodingParams, Query
-from backpack.data.curation import FILTERS, Filters, curate, funnel_lines
+from backpack.data.curation import FILTERS, Filters, clean, curate, funnel_lines, trim_question
 from backpack.data.prompts import read_prompts
 from backpack.data.storage import RunFiles, run_files
 from backpack.data.store import DatasetStore
 from backpack.errors import InputError
-from backpack.run.generation import Generation
+from backpack.eval.facts import load_questions
+from backpack.run.generation import Generation, wait_with_progress
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
+from backpack.synthesis.from_pack import build_pack_requests, example_questions, pack_items
 from backpack.synthesis.self_instruct import Seed, build_requests, parse_reply
 
 REQUEST_TASK = "synthesize"
@@ -111,10 +115,50 @@ def read_seeds(path: str, limit: Optional[int]) -> list[Seed]:
 
 
 def _heldout_texts(path: Optional[str]) -> list[str]:
+    """The held-out prompts: a prompt file, or a questions file (`backpack eval --questions`)."""
     if not path:
         return []
-    queries, _ = read_prompts(path, DecodingParams(), "default")
+    queries, rejected = read_prompts(path, DecodingParams(), "default")
+    if rejected and not queries:
+        return [q.question for q in load_questions(path)]
     return [q.messages[-1]["content"] for q in queries]
+
+
+class _Source:
+    """Where a run's requests come from: `examples` are the texts a candidate must not copy (seeds, or the
+    pack's own questions); `requests(round, kept)` a round's requests; `candidate(item)` a reply's item as a
+    candidate prompt."""
+
+    def __init__(self, cfg: RunConfig):
+        syn = cfg.synthesis
+        self.syn = syn
+        if syn.source == "seeds":
+            self.seeds = read_seeds(syn.seeds, syn.seed_limit)
+            self.examples = [s.text for s in self.seeds]
+        else:
+            path = syn.pack or cfg.mental.path
+            pack = load_pack(path)
+            self.items = pack_items(pack)
+            if not self.items:
+                raise InputError(f"knowledge pack {path!r} has no passage or experience to write questions about")
+            self.examples = example_questions(pack)
+
+    @property
+    def on_topic(self) -> bool:
+        """A pack's questions must be about the passages their request showed (curation's topic filter)."""
+        return self.syn.source == "pack"
+
+    def candidate(self, text: str) -> str:
+        """A reply's item as a candidate: a pack's question without the answer a small teacher wrote after it."""
+        return trim_question(clean(text)) if self.syn.source == "pack" else text
+
+    def requests(self, round_: int, kept: list[str]):
+        syn = self.syn
+        if syn.source == "seeds":
+            return build_requests(round_, syn.requests_per_round, self.seeds, kept, syn.per_request,
+                                  syn.seeds_shown, syn.generated_shown, syn.seed)
+        return build_pack_requests(round_, syn.requests_per_round, self.items, self.examples, syn.per_request,
+                                   syn.seed)
 
 
 def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> SynthesisResult:
@@ -124,9 +168,9 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
         raise InputError(f"run {cfg.name!r} has no synthesis: section (see examples/synthesize.yaml)")
     rep = reporter or Reporter()
     t0 = time.perf_counter()
-    seeds = read_seeds(syn.seeds, syn.seed_limit)
+    source = _Source(cfg)
     heldout = _heldout_texts(syn.heldout)
-    seed_texts = [s.text for s in seeds]
+    seed_texts = source.examples
     filters = Filters(syn.filters.min_chars, syn.filters.max_chars, syn.filters.near_threshold)
     decoding = DecodingParams(max_new_tokens=syn.max_new_tokens, temperature=syn.temperature, top_p=syn.top_p)
     result = SynthesisResult(0, "", 0, 0)
@@ -136,8 +180,7 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
         candidates: list[dict] = []
         curated = curate([], seed_texts, heldout, filters)
         for round_ in range(1, syn.rounds + 1):
-            requests = build_requests(round_, syn.requests_per_round, seeds, curated.texts, syn.per_request,
-                                      syn.seeds_shown, syn.generated_shown, syn.seed)
+            requests = source.requests(round_, curated.texts)
             queries = [Query(messages=r.messages, task=REQUEST_TASK, teacher=syn.teacher,
                              decoding=DecodingParams(**{**vars(decoding), "seed": syn.seed * 100_003 + round_ * 4099
                                                         + r.index})) for r in requests]
@@ -159,13 +202,15 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
                     continue
                 result.tokens += row["completion_tokens"] or 0
                 for text in parse_reply(row["text"]):
-                    candidates.append({"text": text, "task": r.task, "seed_ids": r.seed_ids,
-                                       "written_by": row["teacher"], "round": round_, "reply_id": q.id})
-            curated = curate([c["text"] for c in candidates], seed_texts, heldout, filters)
+                    candidates.append({"text": source.candidate(text), "task": r.task, "seed_ids": r.seed_ids,
+                                       "about": r.about, "written_by": row["teacher"], "round": round_,
+                                       "reply_id": q.id})
+            curated = curate([c["text"] for c in candidates], seed_texts, heldout, filters,
+                             references=[c["about"] for c in candidates] if source.on_topic else None)
             result.rounds = round_
             if len(curated.texts) >= syn.target:
                 break
-        result = _write(cfg, candidates, curated, syn.target, result)
+        result = _write(cfg, candidates, curated, result)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -179,22 +224,20 @@ def _start(session: RunSession) -> Generation:
 
 
 def _send(session: RunSession, gen: Generation, store: DatasetStore, todo: list[Query]) -> None:
-    import ray
-
     progress = RedisProgress(session.redis_url, session.cfg.name)
     progress.start(total=len(todo))
     scheduler = gen.spawn_scheduler(store, progress)
     try:
-        ray.get(scheduler.run.remote(queries_to_table(todo)))
+        wait_with_progress(scheduler.run.remote(queries_to_table(todo)), progress, session.rep)
     finally:
         progress.finish()
         gen.record_counters()
 
 
-def _write(cfg: RunConfig, candidates: list[dict], curated, target: int, result: SynthesisResult) -> SynthesisResult:
+def _write(cfg: RunConfig, candidates: list[dict], curated, result: SynthesisResult) -> SynthesisResult:
     """A new version: the kept prompts (the first `target`; the rest are rejected as over the target), the
     rejected ones and the funnel."""
-    files = synthesis_files(cfg)
+    files, target = synthesis_files(cfg), cfg.synthesis.target
     version = latest_version(files) + 1
     kept_rows, rejected_rows = [], []
     for n, (i, text) in enumerate(zip(curated.kept, curated.texts)):
@@ -203,7 +246,7 @@ def _write(cfg: RunConfig, candidates: list[dict], curated, target: int, result:
             rejected_rows.append({"text": text, "reason": "target", "duplicate_of": None, **_origin(c)})
             continue
         qid = Query(messages=[{"role": "user", "content": text}], task=c["task"]).id
-        kept_rows.append({"id": qid, "task": c["task"], "prompt": text, "source": "seeds",
+        kept_rows.append({"id": qid, "task": c["task"], "prompt": text, "source": cfg.synthesis.source,
                           "seed_ids": c["seed_ids"], **_origin(c)})
     for r in curated.rejected:
         rejected_rows.append({"text": r.text, "reason": r.reason, "duplicate_of": r.duplicate_of,

@@ -34,6 +34,7 @@ class Request:
     seed_ids: list[str]
     task: str                        # the task of the first seed shown: what the new prompts are filed under
     messages: list[dict] = field(default_factory=list)
+    about: str = ""                  # what the new prompts must be about (a pack's passages; "": anything)
 
 
 def build_requests(round_: int, count: int, seeds: Sequence[Seed], kept: Sequence[str], per_request: int,
