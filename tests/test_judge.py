@@ -5,6 +5,7 @@ scheduler), with unreadable replies asked again once."""
 import json
 import math
 
+import pyarrow.parquet as pq
 import pytest
 
 from backpack.config import validate_config
@@ -63,6 +64,10 @@ def scripted_judge():
         seen.append(last)
         if last.startswith("Give only two lines"):
             reply = "Score: 7\nReason: fine."
+        elif "strict judge of tasks" in last:  # synthesis's judge filter: one good prompt, one bad
+            reply = "Score: 2\nReason: vague." if "why rain" in last else "The task is clear. Score: 8\nReason: clear."
+        elif "answered these tasks badly" in last:  # `synthesize` from the failures the judge found
+            reply = "1. Name a red fruit and say when it is ripe.\n2. Explain why rain falls in drops."
         elif "Rate the answer" in last:
             reply = "It is an answer."
         else:
@@ -116,6 +121,25 @@ def test_eval_judge_against_a_scripted_judge(ray_session, tiny_model_dir, tmp_pa
     before = len(seen)
     assert run_main(capsys, "eval", str(path), "--judge", "judge").returncode == 0
     assert len(seen) == before
+    # where the student did worst, per prompt: synthesis.source failures asks for new prompts near those
+    weak = v0["per_prompt"]
+    assert len(weak) == n and all(w["points"] == 0.5 and w["score"] == 7 and w["prompt"] for w in weak)
+    synthesis = {"source": "failures", "teacher": "judge", "target": 2, "rounds": 1, "requests_per_round": 1,
+                 "per_request": 2, "judge": "judge", "filters": {"min_judge_score": 5}}
+    path.write_text(json.dumps({**data, "synthesis": synthesis}))
+    out = run_main(capsys, "synthesize", str(path))
+    assert out.returncode == 0, out.stderr
+    v1 = cfg.run_dir / "synthesis" / "v1"
+    kept = pq.read_table(v1 / "prompts.parquet").to_pylist()
+    assert [k["prompt"] for k in kept] == ["Name a red fruit and say when it is ripe."]
+    assert kept[0]["source"] == "failures" and set(kept[0]["seed_ids"]) <= {w["id"] for w in weak}
+    rejected = pq.read_table(v1 / "rejected.parquet").to_pylist()
+    assert [(r["text"], r["reason"]) for r in rejected] == [("Explain why rain falls in drops.", "judge")]
+    assert json.loads((v1 / "funnel.json").read_text())["funnel"][-1] == ["judge", 1]
+    asked = next(s for s in seen if "answered these tasks badly" in s)
+    assert all(w["prompt"] in asked for w in weak)  # 3 weak prompts, seeds_shown 3: all shown
+    # the first score reply had text before its score line and was read; the judge's rows are stored
+    assert DatasetStore(cfg.run_dir / "synthesis" / "judged", create=False).read().num_rows == 2
 
 
 def test_a_judge_that_is_not_a_teacher_or_is_the_student_is_refused(tmp_path, tiny_model_dir):

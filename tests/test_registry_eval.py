@@ -131,6 +131,20 @@ def test_report_files(tmp_path):
     assert "| 1 | 10 | 1.500 | 4.50 | 30.0 | — | 1.0 | 11.0 |" in md and "NLL 2.000 → 1.500" in md
     assert json.loads((tmp_path / "report.json").read_text())["versions"][1]["chrf"] == 30.0
     assert (tmp_path / "report.png").stat().st_size > 5000
+    plain = _png_width(tmp_path / "report.png")
+    judged = {"smol": {str(v): {"pairwise": {"win_rate": w, "ci95": 0.1, "wins": 1, "ties": 0, "losses": 1,
+                                             "inconsistent": 0, "unparsed": 0},
+                                "rubric": {"mean": 5.0, "unparsed": 1}} for v, w in ((0, 0.2), (1, 0.45))}}
+    write_report(tmp_path, "demo", evals, training, {"judge": judged})
+    assert "| 1 | 0.450 | 0.100 | 1 / 0 / 1 | 0 | 5.00 | 1 |" in (tmp_path / "report.md").read_text()
+    assert _png_width(tmp_path / "report.png") > 1.4 * plain  # a third panel: the judge's win rate per version
+
+
+def _png_width(path) -> int:
+    import struct
+
+    with open(path, "rb") as f:
+        return struct.unpack(">I", f.read(24)[16:20])[0]  # the IHDR chunk's width
 
 
 def test_version_numbers_go_on_past_storage_after_the_redis_state_is_lost(tmp_path):

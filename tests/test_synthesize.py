@@ -9,6 +9,7 @@ import pytest
 from backpack.config import validate_config
 from backpack.config.knowledge import load_pack
 from backpack.errors import ConfigError
+from backpack.synthesis.evol import EVOLUTIONS, build_evol_requests, parse_rewrite
 from backpack.synthesis.from_pack import STYLES, build_pack_requests, example_questions, pack_items
 from backpack.synthesis.self_instruct import Seed, build_requests, parse_reply
 
@@ -39,6 +40,78 @@ def test_a_reply_becomes_its_numbered_items():
 
 
 PACK = EXAMPLES / "mental" / "pellucid.yaml"
+
+
+def test_the_weakest_prompts_come_from_the_judge_and_the_facts_worst_first():
+    from backpack.eval.weakest import facts_weak, judged_weak, latest_version, weakest
+
+    judged = {"per_prompt": [
+        {"id": "a", "task": "t", "prompt": "Won.", "points": 1.0, "score": 9},
+        {"id": "b", "task": "t", "prompt": "Lost.", "points": 0.0, "score": 2},
+        {"id": "c", "task": "t", "prompt": "Tied.", "points": 0.5, "score": None},
+        {"id": "d", "task": "t", "prompt": "Only scored.", "points": None, "score": 4},
+        {"id": "e", "task": "t", "prompt": "Unread.", "points": None, "score": None}]}
+    facts = {"student_version": 2, "answers": [
+        {"id": "q1", "task": "shop", "question": "When?", "facts": [["1987"], ["Malvik"]],
+         "distilled": "In 1987."},
+        {"id": "q2", "task": "shop", "question": "Lost.", "facts": [["9:30"]], "distilled": "At nine."}]}
+    weak = judged_weak(judged, "smol") + facts_weak(facts)
+    got = weakest(weak, 10)
+    assert [(w.prompt, w.badness) for w in got] == [("Lost.", 0.0), ("Only scored.", 1 / 3), ("Tied.", 0.5),
+                                                    ("When?", 0.5)]  # won and unread left out, "Lost." once
+    assert got[1].why == "judged by smol: score 4/10" and got[3].why == "gave 50% of the facts"
+    assert [w.prompt for w in weakest(weak, 2)] == ["Lost.", "Only scored."]
+    assert latest_version({"smol": {"0": {}, "1": {}}}, [facts]) == 2 and latest_version({}, []) is None
+
+
+def test_failures_need_a_judged_or_fact_scored_version(tmp_path):
+    from backpack.errors import InputError
+    from backpack.run.synthesize import failure_seeds
+
+    cfg = validate_config({"name": "syn", "storage": {"path": str(tmp_path)}, "teachers": [{"name": "t"}],
+                           "prompts": {"path": "synthesized"}, "synthesis": {"source": "failures"}})
+    with pytest.raises(InputError, match="no judged or fact-scored student version: run `backpack eval"):
+        failure_seeds(cfg)
+    (cfg.run_dir / "eval").mkdir(parents=True)
+    (cfg.run_dir / "eval" / "facts-questions.json").write_text(json.dumps({"student_version": 1, "answers": [
+        {"id": "q1", "task": "shop", "question": "When did it open?", "facts": [["1987"]], "distilled": "1987"}]}))
+    with pytest.raises(InputError, match="version 1 of run 'syn' has no .* prompt it did badly on"):
+        failure_seeds(cfg)
+    (cfg.run_dir / "eval" / "judge-smol.json").write_text(json.dumps({"1": {"per_prompt": [
+        {"id": "p1", "task": "general", "prompt": "Name a planet.", "points": 0.0, "score": 1}]}}))
+    assert [(s.id, s.task, s.text) for s in failure_seeds(cfg)] == [("p1", "general", "Name a planet.")]
+
+
+def test_evol_requests_rewrite_kept_prompts_each_way_and_a_reply_is_one_prompt():
+    kept = [("Name a red fruit.", "fruit"), ("Explain rain.", "weather"), ("Write a limerick.", "poems")]
+    got = build_evol_requests(2, 5, 3, kept, ["deepen", "constrain"], seed=1)
+    assert got == build_evol_requests(2, 5, 3, kept, ["deepen", "constrain"], seed=1)
+    assert [r.index for r in got] == [5, 6, 7] and sorted(r.parent for r in got) == sorted(t for t, _ in kept)
+    assert [r.evolution for r in got] == ["deepen", "constrain", "deepen"]
+    for r in got:
+        text = r.messages[0]["content"]
+        assert r.parent in text and EVOLUTIONS[r.evolution] in text and r.task == dict(kept)[r.parent]
+    assert len(build_evol_requests(1, 0, 9, kept, ["deepen"], seed=1)) == 3  # never more than there are
+    assert parse_rewrite("Rewritten task: Explain why rain falls in drops.") == ["Explain why rain falls in drops."]
+    assert parse_rewrite("1. Name three red fruits.\n2. Name a fruit.") == ["Name three red fruits."]
+    assert parse_rewrite("") == []
+
+
+def test_a_round_mixes_new_requests_and_rewrites_once_prompts_are_kept(tmp_path):
+    from backpack.run.synthesize import _Source
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": s.text}) + "\n" for s in SEEDS))
+    cfg = validate_config({"name": "syn", "teachers": [{"name": "t"}], "prompts": {"path": "synthesized"},
+                           "synthesis": {"seeds": str(seeds), "requests_per_round": 8, "evolve_fraction": 0.25}})
+    source = _Source(cfg)
+    assert [r.parent for r in source.requests(1, [])] == [""] * 8  # nothing kept yet: nothing to rewrite
+    mixed = source.requests(2, [("Name a red fruit.", "default")] * 3)
+    assert [bool(r.parent) for r in mixed] == [False] * 6 + [True] * 2
+    assert source.candidates(mixed[-1], "New task: Name two red fruits and say which is sweeter.") == [
+        "Name two red fruits and say which is sweeter."]
+    assert source.candidates(mixed[0], "1. Name a blue fish.\n2. Name a green bird.") == [
+        "Name a blue fish.", "Name a green bird."]
 
 
 def test_pack_requests_ask_about_every_item_in_every_style():

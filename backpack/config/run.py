@@ -104,6 +104,9 @@ class RunConfig(Section):
             raise ValueError(f"synthesis.teacher names unknown teacher {self.synthesis.teacher!r} (the run's "
                              f"teachers: {', '.join(names)})")
         syn = self.synthesis
+        if syn is not None and syn.judge not in (None, *names):
+            raise ValueError(f"synthesis.judge names unknown teacher {syn.judge!r} (the run's teachers: "
+                             f"{', '.join(names)})")
         if syn is not None and syn.source == "pack" and not syn.pack and not (self.mental and self.mental.path):
             raise ValueError("synthesis.source is pack but neither synthesis.pack nor mental.path names a "
                              "knowledge pack")

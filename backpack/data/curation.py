@@ -16,7 +16,8 @@ Filters, in order:
               a seed held word for word inside it
   heldout     the same for a held-out evaluation prompt: would leak evaluation into training
   near        near-duplicate of a prompt kept before it
-  judge       (optional) the judge's score below `min_judge_score`
+  judge       (optional) the judge's 1-10 score of the prompt below `min_judge_score`, or no score (the judge's
+              reply unreadable twice): `unjudged` lists those with none yet, for the caller to ask
 
 Near-duplicates come from datasketch's MinHash LSH (candidates) confirmed by the MinHash Jaccard estimate, so
 the cost stays linear in the number of prompts.
@@ -71,6 +72,7 @@ class Curated:
     texts: list[str]                # the kept prompts, cleaned (numbering stripped, spaces collapsed)
     rejected: list[Rejection]
     funnel: list[tuple[str, int]] = field(default_factory=list)  # (stage, prompts left after it)
+    unjudged: list[int] = field(default_factory=list)  # reached the judge filter with no score: ask the judge
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -193,7 +195,7 @@ def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterab
     for i, h in enumerate(heldout):
         held_index.add(f"h{i}", h)
     exact: dict[str, str] = {}
-    kept, texts, rejected = [], [], []
+    kept, texts, rejected, unjudged = [], [], [], []
     left = {name: 0 for name in FILTERS}
 
     def reject(i, text, reason, dup=None):
@@ -233,6 +235,8 @@ def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterab
             continue
         score = judge_scores[i] if judge_scores is not None else None
         if filters.min_judge_score is not None and (score is None or score < filters.min_judge_score):
+            if score is None:
+                unjudged.append(i)
             reject(i, text, "judge")
             continue
         exact[key] = text
@@ -246,7 +250,7 @@ def curate(candidates: Sequence[str], seeds: Iterable[str] = (), heldout: Iterab
             continue
         remaining -= left[name]
         funnel.append((name, remaining))
-    return Curated(kept, texts, rejected, funnel)
+    return Curated(kept, texts, rejected, funnel, unjudged)
 
 
 def funnel_lines(funnel: Sequence[tuple[str, int]]) -> list[str]:

@@ -6,7 +6,8 @@ cancels out; per prompt the student scores 1 for a win, 0.5 for a tie, 0 for a l
 orders. The win rate is the mean over prompts with a normal-approximation 95% interval.
 
 Single answer: a 1-10 score (`Score: N`) and a one-line reason (`Reason: ...`), reference-guided when the prompt
-has a reference (the teacher's answer, or facts).
+has a reference (the teacher's answer, or facts). A synthesized prompt is scored the same way on its own
+(`prompt_rubric_messages`: clear, self-contained, useful).
 
 A reply that cannot be read is re-asked once with a reminder of the format (`reask_messages`); still unreadable,
 it is counted as unparsed and scored nowhere.
@@ -28,6 +29,11 @@ RUBRIC = (
     "You are a strict judge of AI assistant answers. Rate the answer to the user's question from 1 (useless or "
     "wrong) to 10 (perfect){guided}.\n\n[Question]\n{question}\n\n{reference}[Answer]\n{answer}\n\n"
     "Reply with exactly two lines: 'Score: <1-10>' then 'Reason: <one sentence>'.")
+PROMPT_RUBRIC = (
+    "You are a strict judge of tasks for training an AI assistant. Rate this task from 1 (unusable: unclear, "
+    "not a request, impossible to answer or harmful) to 10 (a clear, self-contained, useful request a real user "
+    "could send).\n\n[Task]\n{prompt}\n\nReply with exactly two lines: 'Score: <1-10>' then 'Reason: <one "
+    "sentence>'.")
 REMINDER = {"pairwise": "Give only your final verdict as one line: 'Verdict: A', 'Verdict: B' or 'Verdict: tie'.",
             "rubric": "Give only two lines: 'Score: <a whole number from 1 to 10>' and 'Reason: <one sentence>'."}
 
@@ -45,6 +51,11 @@ def rubric_messages(question: str, answer: str, reference: Optional[str] = None)
     guided = ", using the reference answer as the standard of correctness" if reference else ""
     return [{"role": "user", "content": RUBRIC.format(question=question, answer=answer, reference=ref,
                                                       guided=guided)}]
+
+
+def prompt_rubric_messages(prompt: str) -> list[dict]:
+    """A 1-10 score of a candidate prompt itself (curation's judge filter); read with `parse_rubric`."""
+    return [{"role": "user", "content": PROMPT_RUBRIC.format(prompt=prompt)}]
 
 
 def reask_messages(messages: list[dict], reply: str, kind: str) -> list[dict]:
@@ -92,17 +103,24 @@ def _student_points(verdict: str, student_is: str) -> float:
     return 0.5 if verdict == "tie" else 1.0 if verdict == student_is else 0.0
 
 
+def order_points(student_first: Sequence[Optional[str]], student_second: Sequence[Optional[str]]
+                 ) -> list[Optional[tuple[float, float]]]:
+    """The student's points per prompt in each order (A, B), or None where either verdict is unreadable."""
+    if len(student_first) != len(student_second):
+        raise ValueError("both orders must hold a verdict (or None) per prompt")
+    return [None if first is None or second is None else (_student_points(first, "A"), _student_points(second, "B"))
+            for first, second in zip(student_first, student_second)]
+
+
 def aggregate_pairwise(student_first: Sequence[Optional[str]], student_second: Sequence[Optional[str]]
                        ) -> PairwiseResult:
     """Verdicts per prompt, asked with the student's answer as A (`student_first`) and as B; None: unparsed."""
-    if len(student_first) != len(student_second):
-        raise ValueError("both orders must hold a verdict (or None) per prompt")
     points, wins, ties, losses, inconsistent = [], 0, 0, 0, 0
     unparsed = sum(v is None for v in [*student_first, *student_second])
-    for first, second in zip(student_first, student_second):
-        if first is None or second is None:
+    for pair in order_points(student_first, student_second):
+        if pair is None:
             continue
-        a, b = _student_points(first, "A"), _student_points(second, "B")
+        a, b = pair
         p = (a + b) / 2
         points.append(p)
         inconsistent += {a, b} == {0.0, 1.0}

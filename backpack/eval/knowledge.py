@@ -108,7 +108,7 @@ def evaluate_facts(cfg: RunConfig, questions_path: str, version: Optional[int] =
         "recall_hit_rate": (sum(q.passage in recalled[q.id][0].passage_ids for q in labelled) / len(labelled)
                             if labelled else None),
         "seconds": time.perf_counter() - t0,
-        "answers": [{"id": q.id, "question": q.question, "facts": [list(f) for f in q.facts],
+        "answers": [{"id": q.id, "task": q.task, "question": q.question, "facts": [list(f) for f in q.facts],
                      "recalled": recalled[q.id][0].ids,
                      **{k: v[i] for k, v in answers.items()}} for i, q in enumerate(questions)],
     }

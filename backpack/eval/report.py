@@ -79,25 +79,26 @@ def write_report(out_dir: str | Path, run: str, evals: list[dict], training: lis
         for s in evals[-1]["samples"]:
             lines += [f"**Prompt:** {s['prompt']}", "", f"- teacher: {s['teacher']}", f"- student: {s['student']}", ""]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "report.png", evals, training)
+    _plot(out / "report.png", evals, training, extra.get("judge") or {})
     return report
 
 
-def _plot(path: Path, evals: list[dict], training: list[dict]) -> None:
+def _plot(path: Path, evals: list[dict], training: list[dict], judged: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if judged else 2, figsize=(16.5 if judged else 11, 4))
+    a, b = axes[0], axes[1]
     if training:
         a.plot([t["step"] for t in training], [t["loss"] for t in training], label="loss")
         if any(t.get("kd") for t in training):
             a.plot([t["step"] for t in training], [t["kd"] for t in training], label="KD")
         a.plot([t["step"] for t in training], [t["ce"] for t in training], label="CE", alpha=0.7)
+        a.legend()
     a.set_xlabel("optimizer step")
     a.set_title("training")
-    a.legend()
     steps = [e.get("step") or 0 for e in evals]
     b.plot(steps, [e["nll"] for e in evals], "o-", label="held-out NLL/token")
     b.set_xlabel("step of version")
@@ -106,6 +107,21 @@ def _plot(path: Path, evals: list[dict], training: list[dict]) -> None:
     b2.plot(steps, [e["chrf"] for e in evals], "s--", color="tab:green", label="chrF vs teacher")
     b.legend(loc="upper left")
     b2.legend(loc="upper right")
+    if judged:
+        _plot_judged(axes[2], judged)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_judged(ax, judged: dict) -> None:
+    """Win rate against the teacher per version, with its 95% interval, for each judge."""
+    for judge, by_version in judged.items():
+        rows = sorted((int(v), j["pairwise"]) for v, j in by_version.items())
+        ax.errorbar([v for v, _ in rows], [p["win_rate"] for _, p in rows], yerr=[p["ci95"] for _, p in rows],
+                    fmt="o-", capsize=4, label=f"judged by {judge}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")  # as good as the teacher
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("version")
+    ax.set_title("win rate against the teacher")
+    ax.legend()

@@ -80,10 +80,7 @@ def _answer(session: RunSession, store: DatasetStore, todo: list, result: Genera
 
     cfg, rep = session.cfg, session.rep
     # the knowledge pack is checked and imported before any teacher loads (a bad pack fails fast)
-    gen = Generation(session, {q.task for q in todo})
-    session.connect_ray()
-    gen.check_placement()
-    gen.start_teachers()
+    gen = Generation.started(session, {q.task for q in todo})
     progress = RedisProgress(session.redis_url, cfg.name)
     progress.start(total=len(todo) * cfg.decoding.n * cfg.scheduler.answers_per_query())
     scheduler = gen.spawn_scheduler(store, progress)

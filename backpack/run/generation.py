@@ -49,6 +49,15 @@ class Generation:
         self.schedulers: list = []
         session.on_exit(self.shutdown)
 
+    @classmethod
+    def started(cls, session: RunSession, prompt_tasks: Optional[Iterable[str]] = None) -> "Generation":
+        """The run's generation with Ray joined, placement checked and the teachers started."""
+        gen = cls(session, prompt_tasks)
+        session.connect_ray()
+        gen.check_placement()
+        gen.start_teachers()
+        return gen
+
     def placement(self) -> tuple[list[Demand], list[Group]]:
         """What the teacher replicas need of the cluster: actors Ray places alone, and groups reserved together."""
         return self.pool.demands(), self.pool.groups()

@@ -11,7 +11,7 @@ version goes to `eval/judge-<teacher>.json` and into the report.
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Callable, Optional
 
 from backpack.config import RunConfig
 from backpack.core.schema import queries_to_table
@@ -19,8 +19,8 @@ from backpack.core.types import OK, DecodingParams, Query
 from backpack.data.storage import run_files
 from backpack.data.store import DatasetStore
 from backpack.errors import InputError
-from backpack.eval.judge import (aggregate_pairwise, pairwise_messages, parse_rubric, parse_verdict, reask_messages,
-                                 rubric_messages)
+from backpack.eval.judge import (aggregate_pairwise, order_points, pairwise_messages, parse_rubric, parse_verdict,
+                                 reask_messages, rubric_messages)
 from backpack.run.evaluate import evaluate, heldout_rows
 from backpack.run.generation import Generation, wait_with_progress
 from backpack.runtime.progress import RedisProgress, Reporter
@@ -71,49 +71,55 @@ def judge(cfg: RunConfig, name: str, versions: Optional[list[int]] = None,
     files = run_files(cfg)
     rows = DatasetStore(files.uri("judge"))
     with RunSession(one_teacher, rep) as session:
-        asker = _Asker(session, rows)
-        replies = asker.ask(queries)
-        parsed, again = {}, []
-        for q in queries:
-            kind = asks[q.id][0][1]
-            value = _parse(kind, replies.get(q.id))
-            if value is None:
-                retry = Query(messages=reask_messages(q.messages, replies.get(q.id) or "", kind),
-                              decoding=JUDGE_DECODING, task=JUDGE_TASK, teacher=name)
-                again.append((q.id, retry))
-            parsed[q.id] = value
-        if again:
-            rep.stage(f"asking the judge again for {len(again)} reply(ies) it could not read")
-            second = asker.ask([r for _, r in again])
-            for qid, retry in again:
-                parsed[qid] = _parse(asks[qid][0][1], second.get(retry.id))
-    summary = _summarise(report["versions"], held, queries, asks, parsed, len(again))
+        asker = Asker(session, rows)
+        parsed, reasked = asker.read(queries, {q.id: asks[q.id][0][1] for q in queries}, name)
+    summary = _summarise(report["versions"], held, queries, asks, parsed, reasked)
     files.write_text(f"eval/judge-{name}.json", json.dumps(summary))
     evaluate(cfg, versions, rep)  # the report again, now with the judge's section (evaluations are cached)
     return summary
 
 
-class _Asker:
-    """The judge's replies through the scheduler; its teacher is started at the first request not stored."""
+class Asker:
+    """The judge's replies through the scheduler, stored as rows of `rows`. The teachers are started at the first
+    request not stored (by `start`, when the caller has them started already)."""
 
-    def __init__(self, session: RunSession, rows: DatasetStore):
-        self.session, self.rows, self.gen = session, rows, None
+    def __init__(self, session: RunSession, rows: DatasetStore, start: Optional[Callable[[], Generation]] = None):
+        self.session, self.rows, self.gen, self.start = session, rows, None, start
+
+    def _generation(self) -> Generation:
+        if self.gen is None:
+            self.gen = self.start() if self.start is not None else Generation.started(self.session)
+        return self.gen
+
+    def read(self, queries: list[Query], kinds: dict[str, str], judge: str) -> tuple[dict, int]:
+        """({query id: its verdict or (score, reason), None when unreadable}, how many were asked again): each
+        unreadable reply is asked once more with a reminder of its format (`kinds[id]`: pairwise or rubric)."""
+        replies = self.ask(queries)
+        parsed, again = {}, []
+        for q in queries:
+            value = _parse(kinds[q.id], replies.get(q.id))
+            if value is None:
+                again.append((q.id, Query(messages=reask_messages(q.messages, replies.get(q.id) or "", kinds[q.id]),
+                                          decoding=q.decoding, task=q.task, teacher=judge)))
+            parsed[q.id] = value
+        if again:
+            self.session.rep.stage(f"asking the judge again for {len(again)} reply(ies) it could not read")
+            second = self.ask([r for _, r in again])
+            for qid, retry in again:
+                parsed[qid] = _parse(kinds[qid], second.get(retry.id))
+        return parsed, len(again)
 
     def ask(self, queries: list[Query]) -> dict:
         """{query id: the judge's reply} for each of `queries` answered (stored ones reused; failed ones left out)."""
         stored = self.rows.query_status()
         todo = [q for q in queries if stored.get(q.id) != OK]
         if todo:
-            if self.gen is None:
-                self.gen = Generation(self.session)
-                self.session.connect_ray()
-                self.gen.check_placement()
-                self.gen.start_teachers()
+            gen = self._generation()
             progress = RedisProgress(self.session.redis_url, self.session.cfg.name)
             progress.start(total=len(todo))
             self.session.rep.stage(f"the judge reads {len(todo)} request(s)")
             try:
-                wait_with_progress(self.gen.spawn_scheduler(self.rows, progress).run.remote(queries_to_table(todo)),
+                wait_with_progress(gen.spawn_scheduler(self.rows, progress).run.remote(queries_to_table(todo)),
                                    progress, self.session.rep)
             finally:
                 progress.finish()
@@ -136,7 +142,7 @@ def _summarise(evals: list[dict], held: list[dict], queries: list[Query], asks: 
     for e in evals:
         v = e["version"]
         first, second = [None] * len(held), [None] * len(held)
-        scores, unparsed = [], 0
+        scores, unparsed, by_row = [], 0, [None] * len(held)
         for q in queries:
             for version, kind, i, student_first in asks[q.id]:
                 if version != v:
@@ -149,10 +155,15 @@ def _summarise(evals: list[dict], held: list[dict], queries: list[Query], asks: 
                 else:
                     scores.append({"prompt": held[i]["messages"][-1]["content"], "score": value[0],
                                    "reason": value[1]})
+                    by_row[i] = value[0]
         mean = sum(s["score"] for s in scores) / len(scores) if scores else float("nan")
+        # per prompt, so that `synthesis.source: failures` finds where the student is weakest
+        per_prompt = [{"id": r["query_id"], "task": r["task"], "prompt": r["messages"][-1]["content"],
+                       "points": None if pair is None else sum(pair) / 2, "score": by_row[i]}
+                      for i, (r, pair) in enumerate(zip(held, order_points(first, second)))]
         out[str(v)] = {"pairwise": aggregate_pairwise(first, second).as_dict(),
                        "rubric": {"mean": mean, "judged": len(scores), "unparsed": unparsed, "scores": scores[:5]},
-                       "prompts": len(held), "reasked": reasked}
+                       "prompts": len(held), "reasked": reasked, "per_prompt": per_prompt}
     return out
 
 

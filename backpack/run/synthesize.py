@@ -1,14 +1,15 @@
 """`backpack synthesize`: the teachers write new prompts, curation keeps the good ones.
 
-The requests come from the run's seed tasks (Self-Instruct, backpack/synthesis/self_instruct.py) or from a
-knowledge pack (questions each passage answers, backpack/synthesis/from_pack.py). Rounds of them go through
-the scheduler like any prompt, so routing, retries, the ledger and accounting apply, and every reply is stored
-in the run's `synthesis/replies` dataset (a rerun sends only what is not stored: it resumes). After each round every
-candidate so far is curated (backpack/data/curation.py); rounds stop when `target` prompts are kept.
+The requests come from the run's seed tasks (Self-Instruct, backpack/synthesis/self_instruct.py, with a share
+of Evol-Instruct rewrites of kept prompts, backpack/synthesis/evol.py) or from a knowledge pack (questions each
+passage answers, backpack/synthesis/from_pack.py). Rounds of them go through the scheduler like any prompt, so
+routing, retries, the ledger and accounting apply, and every reply is stored in the run's `synthesis/replies`
+dataset (a rerun sends only what is not stored: it resumes). After each round every candidate so far is
+curated (backpack/data/curation.py); rounds stop when `target` prompts are kept.
 
 Each run writes a new version `synthesis/v<N>/`: `prompts.parquet` (the prompt-file columns id, task, prompt,
-plus provenance: source, seed_ids, written_by, round, reply_id), `rejected.parquet` (every removed candidate,
-its reason and the prompt it duplicates) and `funnel.json`. `prompts.path: synthesized` reads the latest one.
+plus provenance: source, seed_ids, evolved_from, written_by, round, reply_id), `rejected.parquet` (every
+removed candidate, its reason and the prompt it duplicates) and `funnel.json`. `prompts.path: synthesized` reads the latest one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import io
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,16 +33,25 @@ from backpack.data.storage import RunFiles, run_files
 from backpack.data.store import DatasetStore
 from backpack.errors import InputError
 from backpack.eval.facts import load_questions
+from backpack.eval.judge import prompt_rubric_messages
+from backpack.eval.weakest import facts_weak, judged_weak
+from backpack.eval.weakest import latest_version as latest_judged
+from backpack.eval.weakest import weakest
+from backpack.run.evaluate import judged_of
 from backpack.run.generation import Generation, wait_with_progress
+from backpack.run.judge import JUDGE_DECODING, JUDGE_TASK, Asker
 from backpack.runtime.progress import RedisProgress, Reporter
 from backpack.runtime.session import RunSession
+from backpack.synthesis.evol import build_evol_requests, parse_rewrite
 from backpack.synthesis.from_pack import build_pack_requests, example_questions, pack_items
-from backpack.synthesis.self_instruct import Seed, build_requests, parse_reply
+from backpack.synthesis.self_instruct import (FAILURES_INSTRUCTION, INSTRUCTION, Request, Seed, build_requests,
+                                              parse_reply)
 
 REQUEST_TASK = "synthesize"
 PROMPT_SCHEMA = pa.schema([("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
                            ("source", pa.string()), ("seed_ids", pa.list_(pa.string())),
-                           ("written_by", pa.string()), ("round", pa.int32()), ("reply_id", pa.string())])
+                           ("evolved_from", pa.string()), ("written_by", pa.string()), ("round", pa.int32()),
+                           ("reply_id", pa.string())])
 REJECTED_SCHEMA = pa.schema([("text", pa.string()), ("reason", pa.string()), ("duplicate_of", pa.string()),
                              ("written_by", pa.string()), ("round", pa.int32()), ("reply_id", pa.string())])
 
@@ -124,16 +134,42 @@ def _heldout_texts(path: Optional[str]) -> list[str]:
     return [q.messages[-1]["content"] for q in queries]
 
 
+def failure_seeds(cfg: RunConfig) -> list[Seed]:
+    """The prompts a student version did worst on (`synthesis.failures_version`, or the newest judged or
+    fact-scored one), from the run's stored judge and fact evaluations, worst first."""
+    files, syn = run_files(cfg), cfg.synthesis
+    judged = judged_of(files).get("judge", {})
+    facts = [json.loads(files.read_text(p)) for p in files.glob("eval", ".json")
+             if p.rsplit("/", 1)[-1].startswith("facts-")]
+    version = syn.failures_version if syn.failures_version is not None else latest_judged(judged, facts)
+    if version is None:
+        raise InputError(f"synthesis.source is failures but run {cfg.name!r} has no judged or fact-scored student "
+                         "version: run `backpack eval CONFIG --judge TEACHER` or `backpack eval CONFIG --questions "
+                         "FILE` first")
+    weak = [w for name, summary in judged.items() if str(version) in summary
+            for w in judged_weak(summary[str(version)], name)]
+    weak += [w for f in facts if f.get("student_version") == version for w in facts_weak(f)]
+    chosen = weakest(weak, syn.failures_count)
+    if not chosen:
+        raise InputError(f"version {version} of run {cfg.name!r} has no judged or fact-scored prompt it did badly "
+                         "on (it won every comparison and gave every fact, or was judged on none): nothing to "
+                         "practise")
+    return [Seed(w.id, w.task, w.prompt) for w in chosen]
+
+
 class _Source:
     """Where a run's requests come from: `examples` are the texts a candidate must not copy (seeds, or the
-    pack's own questions); `requests(round, kept)` a round's requests; `candidate(item)` a reply's item as a
-    candidate prompt."""
+    pack's own questions); `requests(round, kept)` a round's requests; `candidates(request, reply)` the candidate
+    prompts of a reply."""
 
     def __init__(self, cfg: RunConfig):
         syn = cfg.synthesis
         self.syn = syn
         if syn.source == "seeds":
             self.seeds = read_seeds(syn.seeds, syn.seed_limit)
+            self.examples = [s.text for s in self.seeds]
+        elif syn.source == "failures":
+            self.seeds = failure_seeds(cfg)
             self.examples = [s.text for s in self.seeds]
         else:
             path = syn.pack or cfg.mental.path
@@ -148,17 +184,27 @@ class _Source:
         """A pack's questions must be about the passages their request showed (curation's topic filter)."""
         return self.syn.source == "pack"
 
-    def candidate(self, text: str) -> str:
-        """A reply's item as a candidate: a pack's question without the answer a small teacher wrote after it."""
-        return trim_question(clean(text)) if self.syn.source == "pack" else text
+    def candidates(self, request: Request, reply: str) -> list[str]:
+        """A reply's candidate prompts: a rewrite's one prompt; a pack's questions without the answers a small
+        teacher writes after them; Self-Instruct's numbered items."""
+        if request.parent:
+            return parse_rewrite(reply)
+        if self.syn.source == "pack":
+            return [trim_question(clean(text)) for text in parse_reply(reply)]
+        return parse_reply(reply)
 
-    def requests(self, round_: int, kept: list[str]):
+    def requests(self, round_: int, kept: list[tuple[str, str]]) -> list[Request]:
+        """Round `round_`'s requests given the (prompt, task) pairs kept so far; `evolve_fraction` of them
+        rewrite a kept prompt once there are kept prompts."""
         syn = self.syn
-        if syn.source == "seeds":
-            return build_requests(round_, syn.requests_per_round, self.seeds, kept, syn.per_request,
-                                  syn.seeds_shown, syn.generated_shown, syn.seed)
-        return build_pack_requests(round_, syn.requests_per_round, self.items, self.examples, syn.per_request,
-                                   syn.seed)
+        if syn.source == "pack":
+            return build_pack_requests(round_, syn.requests_per_round, self.items, self.examples, syn.per_request,
+                                       syn.seed)
+        evolve = min(len(kept), round(syn.requests_per_round * syn.evolve_fraction))
+        new = build_requests(round_, syn.requests_per_round - evolve, self.seeds, [t for t, _ in kept],
+                             syn.per_request, syn.seeds_shown, syn.generated_shown, syn.seed,
+                             FAILURES_INSTRUCTION if syn.source == "failures" else INSTRUCTION)
+        return new + build_evol_requests(round_, len(new), evolve, kept, syn.evolutions, syn.seed)
 
 
 def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> SynthesisResult:
@@ -171,27 +217,34 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
     source = _Source(cfg)
     heldout = _heldout_texts(syn.heldout)
     seed_texts = source.examples
-    filters = Filters(syn.filters.min_chars, syn.filters.max_chars, syn.filters.near_threshold)
+    filters = Filters(syn.filters.min_chars, syn.filters.max_chars, syn.filters.near_threshold,
+                      syn.filters.min_judge_score)
     decoding = DecodingParams(max_new_tokens=syn.max_new_tokens, temperature=syn.temperature, top_p=syn.top_p)
     result = SynthesisResult(0, "", 0, 0)
     with RunSession(cfg, rep) as session:
         replies = DatasetStore(synthesis_files(cfg).uri("replies"))
-        gen: Optional[Generation] = None
+        started: list[Generation] = []
+
+        def generation() -> Generation:  # the teachers start at the first request that is not stored
+            if not started:
+                started.append(Generation.started(session))
+            return started[0]
+
+        judge = _PromptJudge(session, synthesis_files(cfg), syn.judge, generation) if syn.judge else None
         candidates: list[dict] = []
         curated = curate([], seed_texts, heldout, filters)
         for round_ in range(1, syn.rounds + 1):
-            requests = source.requests(round_, curated.texts)
+            kept = [(text, candidates[i]["task"]) for i, text in zip(curated.kept, curated.texts)]
+            requests = source.requests(round_, kept)
             queries = [Query(messages=r.messages, task=REQUEST_TASK, teacher=syn.teacher,
                              decoding=DecodingParams(**{**vars(decoding), "seed": syn.seed * 100_003 + round_ * 4099
                                                         + r.index})) for r in requests]
             stored = replies.query_status()
             todo = [q for q in queries if stored.get(q.id) != OK]
             if todo:
-                if gen is None:
-                    gen = _start(session)
                 rep.stage(f"round {round_}: {len(todo)} request(s) to the teachers "
                           f"({len(curated.texts)}/{syn.target} kept so far)")
-                _send(session, gen, replies, todo)
+                _send(session, generation(), replies, todo)
             columns = ["query_id", "status", "text", "teacher", "completion_tokens"]
             rows = {r["query_id"]: r for r in replies.read(columns=columns).to_pylist()} if replies.version else {}
             for q, r in zip(queries, requests):
@@ -201,12 +254,17 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
                     result.failed_requests += 1
                     continue
                 result.tokens += row["completion_tokens"] or 0
-                for text in parse_reply(row["text"]):
-                    candidates.append({"text": source.candidate(text), "task": r.task, "seed_ids": r.seed_ids,
-                                       "about": r.about, "written_by": row["teacher"], "round": round_,
-                                       "reply_id": q.id})
-            curated = curate([c["text"] for c in candidates], seed_texts, heldout, filters,
-                             references=[c["about"] for c in candidates] if source.on_topic else None)
+                for text in source.candidates(r, row["text"]):
+                    candidates.append({"text": text, "task": r.task, "seed_ids": r.seed_ids, "about": r.about,
+                                       "evolved_from": r.parent or None, "evolution": r.evolution or None,
+                                       "written_by": row["teacher"], "round": round_, "reply_id": q.id})
+            texts = [c["text"] for c in candidates]
+            references = [c["about"] for c in candidates] if source.on_topic else None
+            while True:  # the judge scores the candidates that pass every other filter, then they are curated again
+                scores = [judge.scores.get(clean(t)) for t in texts] if judge else None
+                curated = curate(texts, seed_texts, heldout, filters, scores, references)
+                if judge is None or not judge.score([clean(texts[i]) for i in curated.unjudged]):
+                    break
             result.rounds = round_
             if len(curated.texts) >= syn.target:
                 break
@@ -215,12 +273,28 @@ def synthesize(cfg: RunConfig, reporter: Optional[Reporter] = None) -> Synthesis
     return result
 
 
-def _start(session: RunSession) -> Generation:
-    gen = Generation(session)
-    session.connect_ray()
-    gen.check_placement()
-    gen.start_teachers()
-    return gen
+class _PromptJudge:
+    """A teacher's 1-10 scores of candidate prompts (curation's judge filter), asked through the scheduler and
+    stored as rows of the run's `synthesis/judged` dataset, each unreadable reply asked once more."""
+
+    def __init__(self, session: RunSession, files: RunFiles, teacher: str, generation: Callable[[], Generation]):
+        self.teacher, self.scores = teacher, {}
+        self.asker = Asker(session, DatasetStore(files.uri("judged")), generation)
+        self.asked: set[str] = set()
+
+    def score(self, prompts: list[str]) -> bool:
+        """Scores `prompts` not asked before; False when there were none (nothing new to curate with)."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self.asked]
+        if not todo:
+            return False
+        queries = [Query(messages=prompt_rubric_messages(p), decoding=JUDGE_DECODING, task=JUDGE_TASK,
+                         teacher=self.teacher) for p in todo]
+        parsed, _ = self.asker.read(queries, {q.id: "rubric" for q in queries}, self.teacher)
+        for p, q in zip(todo, queries):
+            self.asked.add(p)
+            value = parsed.get(q.id)
+            self.scores[p] = value[0] if value else None
+        return True
 
 
 def _send(session: RunSession, gen: Generation, store: DatasetStore, todo: list[Query]) -> None:
@@ -246,8 +320,9 @@ def _write(cfg: RunConfig, candidates: list[dict], curated, result: SynthesisRes
             rejected_rows.append({"text": text, "reason": "target", "duplicate_of": None, **_origin(c)})
             continue
         qid = Query(messages=[{"role": "user", "content": text}], task=c["task"]).id
-        kept_rows.append({"id": qid, "task": c["task"], "prompt": text, "source": cfg.synthesis.source,
-                          "seed_ids": c["seed_ids"], **_origin(c)})
+        kept_rows.append({"id": qid, "task": c["task"], "prompt": text,
+                          "source": f"evol:{c['evolution']}" if c["evolution"] else cfg.synthesis.source,
+                          "seed_ids": c["seed_ids"], "evolved_from": c["evolved_from"], **_origin(c)})
     for r in curated.rejected:
         rejected_rows.append({"text": r.text, "reason": r.reason, "duplicate_of": r.duplicate_of,
                               **_origin(candidates[r.index])})

@@ -15,6 +15,12 @@ INSTRUCTION = (
     "self-contained request a user could send, at most two sentences. Answer with the numbered list only, "
     "starting at {start}.")
 
+FAILURES_INSTRUCTION = (  # source failures: the examples are prompts a student version did worst on
+    "A student assistant answered these tasks badly:\n\n{examples}\n\nWrite {n} new tasks on the same topics and "
+    "of the same kinds, so that it can practise them: each different from the examples and from each other, one "
+    "self-contained request a user could send, at most two sentences. Answer with the numbered list only, "
+    "starting at {start}.")
+
 _ITEM = re.compile(r"^\s*(\d+)\s*[.):]\s*(.+?)\s*$")
 
 
@@ -35,11 +41,14 @@ class Request:
     task: str                        # the task of the first seed shown: what the new prompts are filed under
     messages: list[dict] = field(default_factory=list)
     about: str = ""                  # what the new prompts must be about (a pack's passages; "": anything)
+    parent: str = ""                 # the kept prompt an Evol-Instruct request rewrites ("": a request for new ones)
+    evolution: str = ""              # how it rewrites it (backpack/synthesis/evol.py)
 
 
 def build_requests(round_: int, count: int, seeds: Sequence[Seed], kept: Sequence[str], per_request: int,
-                   seeds_shown: int, generated_shown: int, seed: int) -> list[Request]:
-    """The `count` requests of round `round_`: the same inputs give the same requests (so a rerun resumes)."""
+                   seeds_shown: int, generated_shown: int, seed: int, instruction: str = INSTRUCTION) -> list[Request]:
+    """The `count` requests of round `round_`: the same inputs give the same requests (so a rerun resumes).
+    `instruction` is the request's text, with {examples}, {n} and {start} to fill."""
     rng = random.Random(f"{seed}:{round_}")
     out = []
     for i in range(count):
@@ -48,7 +57,7 @@ def build_requests(round_: int, count: int, seeds: Sequence[Seed], kept: Sequenc
         examples = [s.text for s in shown] + list(generated)
         rng.shuffle(examples)
         listing = "\n".join(f"{j}. {text}" for j, text in enumerate(examples, start=1))
-        content = INSTRUCTION.format(examples=listing, n=per_request, start=len(examples) + 1)
+        content = instruction.format(examples=listing, n=per_request, start=len(examples) + 1)
         out.append(Request(round_, i, [s.id for s in shown], shown[0].task,
                            [{"role": "user", "content": content}]))
     return out
