@@ -18,6 +18,7 @@ Beside a run, live or not (they reach its Redis; they take [key=value ...] overr
     backpack versions CONFIG [--json]            the student versions, their gate decisions, the live one
     backpack promote CONFIG N                    serve student version N (0: the base model)
     backpack rollback CONFIG                     serve the version that was live before the current one
+    backpack serve CONFIG [--version N|live]     the student versions over OpenAI-compatible HTTP (Ctrl-C stops)
 
 The Mental Process (a run's task knowledge, see backpack/mental/commands.py):
     backpack mental import CONFIG FILE           import a knowledge pack (a new version per changed task)
@@ -270,6 +271,13 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from backpack.run.serve import serve
+
+    serve(_side_config(args), args.version, TerminalReporter())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backpack", description="Distil small student models from teacher models.")
     p.add_argument("--version", action="version", version=f"backpack {__version__}")
@@ -324,31 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     side_command("promote", "serve a student version (0: the base model)", cmd_promote,
                  ("n", {"type": int, "metavar": "N", "help": "the student version"}))
     side_command("rollback", "serve the version that was live before the current one", cmd_rollback)
+    side_command("serve", "serve the run's student versions over OpenAI-compatible HTTP until Ctrl-C",
+                 cmd_serve).add_argument("--version", default=None, metavar="N|live",
+                                         help="a version number (0: the base) or live (default: the live "
+                                              "version when one is promoted, else the newest)")
 
-    m = sub.add_parser("mental", help="a run's task knowledge: import, show, add, export")
-    msub = m.add_subparsers(dest="mental_command", required=True)
-    mi = msub.add_parser("import", help="import a knowledge pack (YAML, JSON or JSONL): a new version per changed task")
-    mi.add_argument("config", help="run config (YAML)")
-    mi.add_argument("file", help="knowledge pack file")
-    ms = msub.add_parser("show", help="the tasks and their versions; with TASK, its knowledge and history")
-    ms.add_argument("config", help="run config (YAML)")
-    ms.add_argument("task", nargs="?", default=None)
-    ms.add_argument("--version", type=int, default=None, help="an older version of the task")
-    ms.add_argument("--json", action="store_true", help="print one JSON object")
-    ma = msub.add_parser("add", help="add a passage or an experience to a task, or set its persona")
-    ma.add_argument("config", help="run config (YAML)")
-    ma.add_argument("task")
-    ma.add_argument("--id", default=None, help="id of the new passage or experience")
-    ma.add_argument("--passage", default=None, metavar="TEXT")
-    ma.add_argument("--question", default=None, help="an experience's question (with --answer)")
-    ma.add_argument("--answer", default=None)
-    ma.add_argument("--persona", default=None, metavar="TEXT", help="replace the task's persona")
-    me = msub.add_parser("export", help="write the current knowledge as a pack (.jsonl, .json, else YAML)")
-    me.add_argument("config", help="run config (YAML)")
-    me.add_argument("file", metavar="FILE|-")
-    me.add_argument("--task", action="append", default=None, help="only this task (repeatable)")
-    for c in (mi, ms, ma, me):
-        c.set_defaults(func=cmd_mental)
+    from backpack.mental.commands import add_parser as add_mental
+
+    add_mental(sub)
 
     v = sub.add_parser("validate", help="validate a run config and print it with defaults filled in")
     v.add_argument("config")
@@ -400,27 +391,6 @@ def _flags_last(argv: list[str]) -> list[str]:
             positionals.append(a)
         i += 1
     return positionals + flags
-
-
-def cmd_mental(args) -> int:
-    from backpack.config import load_config
-    from backpack.mental import commands
-
-    cfg = load_config(args.config)
-    if args.mental_command == "import":
-        for task, (version, changed) in commands.import_file(cfg, args.file).items():
-            print(f"task {task}: version {version}" + ("" if changed else " (unchanged: same content)"))
-    elif args.mental_command == "show":
-        out = commands.show(cfg, args.task, args.version)
-        print(json.dumps(out, indent=1, ensure_ascii=False) if args.json else commands.format_show(out))
-    elif args.mental_command == "add":
-        v = commands.add(cfg, args.task, args.id, args.passage, args.question, args.answer, args.persona)
-        print(f"task {args.task}: version {v}")
-    else:
-        n = commands.export(cfg, args.file, args.task)
-        if args.file != "-":
-            print(f"{n} task(s) written to {args.file}")
-    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -103,7 +103,8 @@ def test_completion_models_and_health(student):
             async with http.get("/health") as r:
                 assert r.status == 200 and (await r.json())["version"] == 0
             async with http.get("/v1/models") as r:
-                assert [m["id"] for m in (await r.json())["data"]] == ["backpack-student"]
+                assert [m["id"] for m in (await r.json())["data"]] == [
+                    "backpack-student", "backpack-student:live", "backpack-student:v0"]  # no registry: no others
             info = server.info()
             assert info["requests"] == 2 and info["failed"] == 0 and info["version"] == 0
             assert info["url"].startswith("http://127.0.0.1:")

@@ -1,24 +1,35 @@
-"""StudentServer: the live student version behind an OpenAI-compatible HTTP endpoint, hot-swapped.
+"""StudentServer: student versions behind an OpenAI-compatible HTTP endpoint, the live one hot-swapped.
 
-Endpoints: `POST /v1/chat/completions` (also streamed, as Server-Sent Events), `GET /v1/models`, `GET /health`.
-The server follows the run's registry event stream; on a `promoted` event it loads that version in a worker
-thread while the old version keeps answering, then switches in one assignment. A request generates on the
-version that was current when its generation began and finishes on it, so a swap never fails or drops one.
+Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (also streamed, as Server-Sent Events),
+`GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus). By default the server follows the run's registry
+event stream; on a `promoted` event it loads that version in a worker thread while the old version keeps
+answering, then switches in one assignment. A request generates on the version that was current when its
+generation began and finishes on it, so a swap never fails or drops one. Pinned to a version (`backpack serve
+--version N`) it serves that one and follows nothing. A request's `model` picks a version: `<name>` (the default),
+`<name>:live`, `<name>:v<N>` (loaded on first use; the `serve.max_versions` most recent kept).
 
 Generation runs in a worker thread, one request at a time (a CPU model has no spare cores for a second one),
-so the event loop keeps accepting requests, health checks and swaps meanwhile. A plain class with async
-methods: constructed in-process (tests) or made an async Ray actor where the system is assembled.
+so the event loop keeps accepting requests, health checks and swaps meanwhile. Safe by default: with
+`serve.api_key_env` every endpoint but /health needs `Authorization: Bearer <key>` (a bind other than loopback
+needs it); at most `serve.max_queue` requests wait or generate (more get 429 with Retry-After); a request not
+done within `serve.request_timeout_s` is stopped (504), and one whose client went away stops generating. A
+plain class with async methods: constructed in-process (tests, `backpack serve`) or made an async Ray actor
+where the continual system is assembled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
+import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,9 +38,11 @@ from aiohttp import web
 
 from backpack.config import ServeConfig, StudentConfig
 from backpack.core.chat import encode_chat, with_context
-from backpack.core.types import LENGTH, STOP, DecodingParams
 from backpack.errors import InputError
 from backpack.mental.recall import prompt_text
+from backpack.serve.generation import generate, generate_until, reachable_host, usage
+from backpack.serve.metrics import CONTENT_TYPE, ServeMetrics
+from backpack.serve.requests import MAX_BODY, Asked, BadRequest, error, parse_chat, parse_completion
 from backpack.student.registry import Registry, load_version
 from backpack.teachers.hf import HFTeacher
 
@@ -43,94 +56,59 @@ class _Served:
     gen: HFTeacher  # the version's model and tokenizer, with its stop tokens and context length
 
 
-class _BadRequest(Exception):
-    def __init__(self, param: Optional[str], message: str):
-        super().__init__(message)
-        self.param, self.message = param, message
-
-
-class _Cancelled:
-    """A stopping criterion (duck-typed, so this module need not import transformers) that ends a generation
-    whose client has gone away, so the next request does not wait for tokens nobody reads."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _generate(gen: HFTeacher, ids: list[int], p: DecodingParams, streamer=None, cancel=None) -> tuple[list[int], str]:
-    """One answer from `gen`'s model: its new token ids (the stop token cut off) and finish reason."""
-    kwargs = dict(max_new_tokens=p.max_new_tokens, pad_token_id=gen.tokenizer.pad_token_id, streamer=streamer,
-                  stopping_criteria=[_Cancelled(cancel or threading.Event())])
-    if p.greedy:
-        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-    else:
-        kwargs.update(do_sample=True, temperature=p.temperature, top_k=None, top_p=p.top_p)
-        if p.seed is not None:
-            torch.manual_seed(p.seed)  # safe: generations run one at a time
-    input_ids = torch.tensor([ids], device=gen.device)
-    with torch.inference_mode():
-        out = gen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-    tokens = out[0, len(ids):].tolist()
-    stop = next((j for j, t in enumerate(tokens) if t in gen.stop_ids), None)
-    return (tokens, LENGTH) if stop is None else (tokens[:stop], STOP)
-
-
-def _field(body: dict, name: str, kind, ok, rule: str, default=None):
-    """body[name] checked: absent or null gives `default`; a wrong type or value is a 400 naming the field."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or not ok(value):
-        raise _BadRequest(name, f"'{name}' must be {rule} (got {value!r})")
-    return value
-
-
-MAX_BODY = 1 << 20  # bytes of one request body (aiohttp's default, named so the 413 can say it)
-
-
-def _error(status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
-    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                             status=status)
-
-
 class StudentServer:
-    """Serves the registry's live student version over OpenAI-compatible HTTP and hot-swaps promoted ones."""
+    """Serves student versions over OpenAI-compatible HTTP; follows and hot-swaps the live one, or serves the
+    version it is pinned to."""
 
     def __init__(self, student_cfg: StudentConfig, serve_cfg: ServeConfig, registry: Optional[Registry] = None,
-                 model_name: str = "backpack-student", recall=None, default_task: str = "default"):
+                 model_name: str = "backpack-student", recall=None, default_task: str = "default",
+                 version: Optional[int] = None):
         self.student_cfg, self.serve_cfg, self.registry, self.model_name = student_cfg, serve_cfg, registry, model_name
         # mental.student_recall: a retrieval-augmented student (`backpack.mental.recall.Recaller`); a request
         # names its task with a "task" field (else `default_task`)
         self.recall, self.default_task = recall, default_task
+        self.pinned = version  # None: follow the registry's live version
         self.url: Optional[str] = None
-        self.stats = {"requests": 0, "failed": 0, "rejected": 0, "swaps": 0, "failed_swaps": 0}
+        self.stats = {"requests": 0, "failed": 0, "rejected": 0, "swaps": 0, "failed_swaps": 0, "cancelled": 0,
+                      "timed_out": 0, "queue_full": 0, "unauthorized": 0}
+        self.metrics = ServeMetrics()
         self._served: Optional[_Served] = None
+        self._others: OrderedDict[int, _Served] = OrderedDict()  # versions asked for by name, most recent last
         self._swap_error: Optional[str] = None
         self._runner: Optional[web.AppRunner] = None
         self._follower: Optional[asyncio.Task] = None
+        self._key: Optional[bytes] = None
+        self._pending = 0
         self._gen_lock: Optional[asyncio.Lock] = None   # made in start(): they belong to the serving loop
         self._swap_lock: Optional[asyncio.Lock] = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> str:
-        """Load the live version (version 0, the untrained base, when none is promoted or there is no
-        registry), listen on serve.host:serve.port (0: a free port), follow the registry; returns the URL."""
+        """Load the version to serve (pinned, else the live one: version 0, the untrained base, when none is
+        promoted or there is no registry), listen on serve.host:serve.port (0: a free port), follow the
+        registry unless pinned; returns the URL."""
         if self._runner is not None:
             return self.url
+        name = self.serve_cfg.api_key_env
+        if name:
+            key = os.environ.get(name, "")
+            if not key:
+                raise InputError(f"serve.api_key_env names {name!r}, which is not set (or empty): export the API key "
+                                 "clients must send in that variable")
+            self._key = key.encode()
         torch.set_num_threads(self.serve_cfg.threads)
         self._gen_lock, self._swap_lock = asyncio.Lock(), asyncio.Lock()
-        after, live = None, None
-        if self.registry is not None:
+        after, live = None, self.pinned
+        if self.registry is not None and self.pinned is None:
             # The stream position first: a promotion landing while the live version loads is then still seen.
             after, live = await asyncio.to_thread(self._stream_position)
         self._served = await asyncio.to_thread(self._load, live or 0)
-        app = web.Application(client_max_size=MAX_BODY)
-        app.add_routes([web.post("/v1/chat/completions", self._chat), web.get("/v1/models", self._models),
-                        web.get("/health", self._health)])
+        self.metrics.version.set(self._served.version)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
+        app.add_routes([web.post("/v1/chat/completions", self._chat), web.post("/v1/completions", self._complete),
+                        web.get("/v1/models", self._models), web.get("/health", self._health),
+                        web.get("/metrics", self._metrics)])
         # On stop, requests in flight get a few seconds to finish before their connections are closed.
         self._runner = web.AppRunner(app, shutdown_timeout=10.0)
         await self._runner.setup()
@@ -141,8 +119,8 @@ class StudentServer:
             await self._runner.cleanup()
             self._runner = None
             raise InputError(f"serve.port: cannot listen on {host}:{port}: {e.strerror or e}") from None
-        self.url = f"http://{_reachable_host(host)}:{self._runner.addresses[0][1]}"
-        if self.registry is not None:
+        self.url = f"http://{reachable_host(host)}:{self._runner.addresses[0][1]}"
+        if self.registry is not None and self.pinned is None:
             self._follower = asyncio.create_task(self._follow(after))
         log.info("StudentServer: serving version %d at %s", self._served.version, self.url)
         return self.url
@@ -159,7 +137,7 @@ class StudentServer:
             self._runner = None
 
     def info(self) -> dict:
-        """URL, served version, requests answered / failed / rejected (400), swaps done / failed."""
+        """URL, served version, requests answered / failed / rejected (4xx), swaps done / failed."""
         return {"url": self.url, "model": self.model_name,
                 "version": self._served.version if self._served else None, **self.stats,
                 "swap_error": self._swap_error}
@@ -176,7 +154,7 @@ class StudentServer:
                 return True
             t0 = time.perf_counter()
             try:
-                served = await asyncio.to_thread(self._load, version)
+                served = self._others.pop(version, None) or await asyncio.to_thread(self._load, version)
             except Exception as e:  # a broken or missing version must not take the server down
                 self.stats["failed_swaps"] += 1
                 self._swap_error = f"version {version}: {type(e).__name__}: {e}"
@@ -184,6 +162,7 @@ class StudentServer:
                           version, old, self._swap_error)
                 return False
             self._served = served  # one assignment: a request sees the old version or the new, never a mix
+            self.metrics.version.set(version)
             self.stats["swaps"] += 1
             log.info("StudentServer: now serving version %d (was %s; loaded in %.1f s)", version, old,
                      time.perf_counter() - t0)
@@ -196,6 +175,38 @@ class StudentServer:
         ap = load_version(meta, self.student_cfg, merge=self.serve_cfg.merge)
         name = f"{self.model_name}-v{version}"
         return _Served(version, HFTeacher.from_model(name, ap.model, ap.tokenizer, fingerprint=name))
+
+    async def _pick(self, model: Optional[str]) -> _Served:
+        """The version a request's `model` names: `<name>:v<N>` or `<name>:live`; anything else (a client's own
+        label) is the default version."""
+        base, _, tag = (model or "").rpartition(":")
+        if base != self.model_name:
+            return self._served
+        if tag == "live":
+            version = self._served.version if self.pinned is None else await asyncio.to_thread(self._live)
+        elif re.fullmatch(r"v\d+", tag):
+            version = int(tag[1:])
+        else:
+            raise BadRequest("model", f"unknown model {model!r}: {self.model_name}, {self.model_name}:live or "
+                                      f"{self.model_name}:v<N>", 404, "model_not_found")
+        if version == self._served.version:
+            return self._served
+        if version in self._others:
+            self._others.move_to_end(version)
+            return self._others[version]
+        async with self._swap_lock:
+            if version not in self._others:
+                try:
+                    self._others[version] = await asyncio.to_thread(self._load, version)
+                except (KeyError, ValueError) as e:
+                    raise BadRequest("model", f"model {model!r}: {e.args[0] if e.args else e}", 404,
+                                     "model_not_found") from None
+                while len(self._others) >= self.serve_cfg.max_versions:  # the default one is kept besides
+                    self._others.popitem(last=False)
+        return self._others.get(version) or self._served
+
+    def _live(self) -> int:
+        return (self.registry.live() if self.registry is not None else None) or 0
 
     def _stream_position(self) -> tuple[str, Optional[int]]:
         last = self.registry.client.xrevrange(self.registry.keys("events"), count=1)
@@ -224,128 +235,180 @@ class StudentServer:
 
     # ------------------------------------------------------------------ HTTP
 
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if self._key is not None and request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            token = given[len("Bearer "):].encode() if given.startswith("Bearer ") else b""
+            if not hmac.compare_digest(token, self._key):
+                self.stats["unauthorized"] += 1
+                self.metrics.answered(request.path, 401)
+                return error(401, "a valid API key is needed: send 'Authorization: Bearer <key>'", None,
+                             "authentication_error", {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "version": self._served.version})
 
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "owned_by": "backpack",
-             "backpack": {"version": self._served.version}}]})
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.text(), headers={"Content-Type": CONTENT_TYPE})
 
-    def _parse(self, body) -> tuple[list[dict], DecodingParams, dict]:
-        if not isinstance(body, dict):
-            raise _BadRequest(None, "the request body must be a JSON object")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _BadRequest("messages", "'messages' must be a non-empty list of {role, content} objects")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise _BadRequest(f"messages[{i}]", f"messages[{i}] must be an object with a string 'role'")
-            content = m.get("content")
-            if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text"
-                                                 and isinstance(c.get("text"), str) for c in content):
-                content = "".join(c["text"] for c in content)  # OpenAI content parts: text only
-            if not isinstance(content, str):
-                raise _BadRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
-            clean.append({"role": m["role"], "content": content})
-        limit = self.serve_cfg.max_new_tokens
-        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _field(body, name, int, lambda v: v >= 1, "an integer >= 1", limit)
-        _field(body, "n", int, lambda v: v == 1, "1 (one choice per request)")
-        if body.get("stop"):
-            raise _BadRequest("stop", "'stop' sequences are not supported by this server")
-        _field(body, "stream_options", dict, lambda v: True, "an object")
-        decoding = DecodingParams(
-            max_new_tokens=min(max_tokens, limit),  # the server's bound wins, as documented
-            temperature=float(_field(body, "temperature", (int, float), lambda v: 0 <= v <= 2,
-                                     "a number from 0 to 2", 0.0)),
-            top_p=float(_field(body, "top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]", 1.0)),
-            seed=_field(body, "seed", int, lambda v: True, "an integer"))
-        stream = _field(body, "stream", bool, lambda v: True, "true or false", False)
-        usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        model = body.get("model") if isinstance(body.get("model"), str) else self.model_name
-        task = _field(body, "task", str, lambda v: bool(v), "a task name", self.default_task)
-        return clean, decoding, {"stream": stream, "include_usage": usage, "model": model, "task": task}
+    async def _models(self, request: web.Request) -> web.Response:
+        versions = await asyncio.to_thread(lambda: [m["version"] for m in self.registry.versions()]) \
+            if self.registry is not None else []
+        ids = [self.model_name, f"{self.model_name}:live"] + [f"{self.model_name}:v{v}" for v in [0, *versions]]
+        return web.json_response({"object": "list", "data": [
+            {"id": i, "object": "model", "owned_by": "backpack",
+             **({"backpack": {"version": self._served.version}} if i == self.model_name else {})} for i in ids]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "chat")
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "completions")
+
+    async def _answer(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        """One request, bounded: at most serve.max_queue at once, each within serve.request_timeout_s."""
+        t0 = time.perf_counter()
+        if self._pending >= self.serve_cfg.max_queue:
+            self.stats["queue_full"] += 1
+            self.metrics.answered(endpoint, 429)
+            return error(429, f"the server is full ({self._pending} requests waiting or generating): retry later",
+                         None, "rate_limit_error", {"Retry-After": "1"})
+        self._pending += 1
+        self.metrics.queue.set(self._pending)
         try:
-            try:
-                body = await request.json()
-            except ValueError as e:  # bad JSON or bad UTF-8
-                raise _BadRequest(None, f"the request body is not valid JSON: {e}") from None
-            except RecursionError:
-                raise _BadRequest(None, "the request body is nested too deeply to be a chat request") from None
-            messages, decoding, opts = self._parse(body)
-        except _BadRequest as e:
-            self.stats["rejected"] += 1
-            return _error(400, e.message, e.param)
+            resp = await self._handle(request, endpoint, t0)
+        finally:
+            self._pending -= 1
+            self.metrics.queue.set(self._pending)
+        self.metrics.answered(endpoint, resp.status)
+        self.metrics.latency.observe(time.perf_counter() - t0)
+        return resp
+
+    async def _read(self, request: web.Request, endpoint: str) -> Asked:
+        try:
+            body = await request.json()
+        except ValueError as e:  # bad JSON or bad UTF-8
+            raise BadRequest(None, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest(None, "the request body is nested too deeply to be a request") from None
         except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer is plain text: every error here is JSON
+            raise BadRequest(None, f"the request body is over the server's limit of {MAX_BODY} bytes", 413) from None
+        limit = self.serve_cfg.max_new_tokens
+        return parse_chat(body, limit, self.default_task) if endpoint == "chat" else parse_completion(body, limit)
+
+    async def _handle(self, request: web.Request, endpoint: str, t0: float) -> web.StreamResponse:
+        try:
+            asked = await self._read(request, endpoint)
+            served = await self._pick(asked.model)
+        except BadRequest as e:
             self.stats["rejected"] += 1
-            return _error(413, f"the request body is over the server's limit of {MAX_BODY} bytes")
-        recalled = None
-        if self.recall is not None:
-            got = await asyncio.to_thread(self.recall.recall, opts["task"], prompt_text(messages))
+            return error(e.status, e.message, e.param, e.kind)
+        recalled, messages = None, asked.messages
+        if self.recall is not None and messages is not None:
+            got = await asyncio.to_thread(self.recall.recall, asked.task, prompt_text(messages))
             if got is not None:
                 recalled = {"ids": got[0].ids, "knowledge_version": got[1]}
                 messages = with_context(messages, got[0].context)
-        async with self._gen_lock:
-            served = self._served  # this request finishes on this version, whatever is swapped in meanwhile
+        deadline = t0 + self.serve_cfg.request_timeout_s
+        try:
+            await asyncio.wait_for(self._gen_lock.acquire(), max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            self.stats["timed_out"] += 1
+            return error(503, f"no generation slot within the request's deadline of {self.serve_cfg.request_timeout_s}"
+                              " s: retry later", None, "server_error", {"Retry-After": "1"})
+        try:
+            tok = served.gen.tokenizer
             try:
-                ids = encode_chat(served.gen.tokenizer, messages)
+                ids = encode_chat(tok, messages) if messages is not None else tok(asked.prompt).input_ids
             except Exception as e:  # the chat template refused the conversation (a role it does not know)
                 self.stats["rejected"] += 1
-                return _error(400, f"the chat template rejected 'messages': {e}", "messages")
+                return error(400, f"the chat template rejected 'messages': {e}", "messages")
+            decoding, field = asked.decoding, "messages" if messages is not None else "prompt"
             if len(ids) + decoding.max_new_tokens > served.gen.context:
                 self.stats["rejected"] += 1
-                return _error(400, f"'messages' are {len(ids)} tokens; with max_tokens {decoding.max_new_tokens} "
-                                   f"they exceed the model context of {served.gen.context} tokens", "messages")
-            head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": opts["model"],
+                return error(400, f"'{field}' is {len(ids)} tokens; with max_tokens {decoding.max_new_tokens} "
+                                  f"that exceeds the model context of {served.gen.context} tokens", field)
+            chat = messages is not None
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                    "model": asked.model or self.model_name,
                     "backpack": {"version": served.version, **({"recalled": recalled} if recalled else {})}}
-            if opts["stream"]:
-                return await self._stream(request, served, ids, decoding, head, opts["include_usage"])
+            if asked.stream:
+                return await self._stream(request, served, ids, asked, head, t0, deadline)
             try:
-                tokens, finish = await asyncio.to_thread(_generate, served.gen, ids, decoding)
+                tokens, finish, ended = await generate_until(request, served.gen, ids, decoding, deadline)
             except Exception as e:
                 self.stats["failed"] += 1
                 log.exception("StudentServer: generation failed")
-                return _error(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+                return error(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
+        finally:
+            self._gen_lock.release()
+        self.metrics.generated(len(tokens), time.perf_counter() - t0)
+        if ended == "timed_out":
+            self.stats["timed_out"] += 1
+            return error(504, f"the request's deadline of {self.serve_cfg.request_timeout_s} s passed while it was "
+                              "generating: ask for fewer tokens", None, "timeout")
+        if ended == "gone":
+            self.stats["cancelled"] += 1
+            return error(499, "the client went away", None, "cancelled")  # nobody reads it
         self.stats["requests"] += 1
-        text = served.gen.tokenizer.decode(tokens, skip_special_tokens=True)
-        return web.json_response({**head, "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": _usage(ids, tokens)})
+        text = tok.decode(tokens, skip_special_tokens=True)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
+            {"index": 0, "text": text, "logprobs": None}
+        return web.json_response({**head, "object": "chat.completion" if chat else "text_completion",
+                                  "choices": [{**choice, "finish_reason": finish}], "usage": usage(ids, tokens)})
 
-    async def _stream(self, request, served: _Served, ids, decoding, head, include_usage) -> web.StreamResponse:
+    async def _stream(self, request, served: _Served, ids, asked: Asked, head, t0: float,
+                      deadline: float) -> web.StreamResponse:
         from transformers import AsyncTextIteratorStreamer
 
         streamer = AsyncTextIteratorStreamer(served.gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
-        job = asyncio.ensure_future(asyncio.to_thread(_generate, served.gen, ids, decoding, streamer, cancel))
+        job = asyncio.ensure_future(asyncio.to_thread(generate, served.gen, ids, asked.decoding, streamer, cancel))
         # A generation that raises never ends its streamer: end it here so the reading loop below stops.
         job.add_done_callback(lambda _: streamer.end())
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        chat = asked.messages is not None
+        kind = "chat.completion.chunk" if chat else "text_completion"
 
         async def send(data) -> None:
             await resp.write(f"data: {json.dumps(data)}\n\n".encode())
 
-        def chunk(delta: dict, finish=None) -> dict:
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        def chunk(text: Optional[str], finish=None, role: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                return {**head, "object": kind, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return {**head, "object": kind, "choices": [{"index": 0, "text": text or "", "logprobs": None,
+                                                         "finish_reason": finish}]}
+        first = True
         try:
             await resp.prepare(request)
-            await send(chunk({"role": "assistant", "content": ""}))
+            if chat:
+                await send(chunk(None, role=True))
             async for text in streamer:
                 if text:
-                    await send(chunk({"content": text}))
+                    if first:
+                        self.metrics.first_token.observe(time.perf_counter() - t0)
+                        first = False
+                    await send(chunk(text))
+                if time.perf_counter() > deadline and not cancel.is_set():
+                    cancel.set()
+                    self.stats["timed_out"] += 1
             tokens, finish = await job
-            await send(chunk({}, finish))
-            if include_usage:
-                await send({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ids, tokens)})
+            if cancel.is_set():  # the deadline passed: say so in the stream (its status line has gone)
+                await send({"error": {"message": f"the request's deadline of {self.serve_cfg.request_timeout_s} s "
+                                                 "passed while it was generating", "type": "timeout",
+                                      "param": None, "code": None}})
+            else:
+                await send(chunk(None, finish))
+                self.stats["requests"] += 1
+            if asked.include_usage:
+                await send({**head, "object": kind, "choices": [], "usage": usage(ids, tokens)})
             await resp.write(b"data: [DONE]\n\n")
-            self.stats["requests"] += 1
+            self.metrics.generated(len(tokens), time.perf_counter() - t0)
         except ConnectionError:  # the client went away: nobody to tell
-            self.stats["failed"] += 1
+            self.stats["cancelled"] += 1
         except Exception as e:
             self.stats["failed"] += 1
             log.exception("StudentServer: streamed generation failed")
@@ -356,19 +419,3 @@ class StudentServer:
             cancel.set()
             await asyncio.wait([job])  # the model is free again before the next request takes the lock
         return resp
-
-
-def _usage(ids: list[int], tokens: list[int]) -> dict:
-    return {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
-
-
-def _reachable_host(host: str) -> str:
-    """The host for the URL clients use: a wildcard address names this node's IP instead."""
-    if host not in ("0.0.0.0", "::", ""):
-        return host
-    try:
-        import ray  # on a cluster the node IP Ray uses is the one other nodes reach
-
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return "127.0.0.1"

@@ -1,0 +1,84 @@
+"""Generating one answer of the StudentServer: in a worker thread, stopped when its client goes away or its
+deadline passes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import torch
+
+from backpack.core.types import LENGTH, STOP, DecodingParams
+from backpack.teachers.hf import HFTeacher
+
+
+class _Cancelled:
+    """A stopping criterion (duck-typed, so this module need not import transformers) that ends a generation
+    whose client has gone away, so the next request does not wait for tokens nobody reads."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generate(gen: HFTeacher, ids: list[int], p: DecodingParams, streamer=None, cancel=None) -> tuple[list[int], str]:
+    """One answer from `gen`'s model: its new token ids (the stop token cut off) and finish reason."""
+    kwargs = dict(max_new_tokens=p.max_new_tokens, pad_token_id=gen.tokenizer.pad_token_id, streamer=streamer,
+                  stopping_criteria=[_Cancelled(cancel or threading.Event())])
+    if p.greedy:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kwargs.update(do_sample=True, temperature=p.temperature, top_k=None, top_p=p.top_p)
+        if p.seed is not None:
+            torch.manual_seed(p.seed)  # safe: generations run one at a time
+    input_ids = torch.tensor([ids], device=gen.device)
+    with torch.inference_mode():
+        out = gen.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    tokens = out[0, len(ids):].tolist()
+    stop = next((j for j, t in enumerate(tokens) if t in gen.stop_ids), None)
+    return (tokens, LENGTH) if stop is None else (tokens[:stop], STOP)
+
+
+async def generate_until(request, gen, ids: list[int], decoding: DecodingParams, deadline: float):
+    """Generate in a worker thread, stopping it when the deadline passes or the client goes away; returns
+    (tokens, finish reason, None | "timed_out" | "gone")."""
+    if _gone(request):  # it waited in the queue and its client left meanwhile: nothing to generate
+        return [], STOP, "gone"
+    cancel = threading.Event()
+    job = asyncio.ensure_future(asyncio.to_thread(generate, gen, ids, decoding, None, cancel))
+    ended = None
+    while not job.done():
+        await asyncio.wait([job], timeout=0.2)
+        if job.done() or ended:
+            continue
+        if time.perf_counter() > deadline:
+            ended = "timed_out"
+        elif _gone(request):
+            ended = "gone"
+        if ended:
+            cancel.set()
+    tokens, finish = job.result()
+    return tokens, finish, ended
+
+
+def _gone(request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def usage(ids: list[int], tokens: list[int]) -> dict:
+    return {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
+
+
+def reachable_host(host: str) -> str:
+    """The host for the URL clients use: a wildcard address names this node's IP instead."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        import ray  # on a cluster the node IP Ray uses is the one other nodes reach
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
