@@ -19,6 +19,8 @@ Beside a run, live or not (they reach its Redis; they take [key=value ...] overr
     backpack promote CONFIG N                    serve student version N (0: the base model)
     backpack rollback CONFIG                     serve the version that was live before the current one
     backpack serve CONFIG [--version N|live]     the student versions over OpenAI-compatible HTTP (Ctrl-C stops)
+    backpack export CONFIG --format hf|gguf --out PATH [--version N] [--quant Q]
+                                                 a version as a model directory or a GGUF file, loaded back to check
 
 The Mental Process (a run's task knowledge, see backpack/mental/commands.py):
     backpack mental import CONFIG FILE           import a knowledge pack (a new version per changed task)
@@ -271,6 +273,14 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from backpack.run.export import export
+
+    print("\n".join(export(_side_config(args), args.version, args.format, args.out, args.quant,
+                           TerminalReporter()).lines()))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from backpack.run.serve import serve
 
@@ -332,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     side_command("promote", "serve a student version (0: the base model)", cmd_promote,
                  ("n", {"type": int, "metavar": "N", "help": "the student version"}))
     side_command("rollback", "serve the version that was live before the current one", cmd_rollback)
+    ex = side_command("export", "write a student version as a model directory (hf) or a GGUF file, checked by "
+                      "loading it back", cmd_export)
+    ex.add_argument("--version", type=int, default=None, help="the student version (default: the newest; 0: the base)")
+    ex.add_argument("--format", choices=["hf", "gguf"], required=True)
+    ex.add_argument("--quant", default=None, help="gguf: f32, f16, q8_0 (default), q4_0 or q4_1")
+    ex.add_argument("--out", required=True, help="a new directory (hf), or a .gguf file or a directory (gguf)")
     side_command("serve", "serve the run's student versions over OpenAI-compatible HTTP until Ctrl-C",
                  cmd_serve).add_argument("--version", default=None, metavar="N|live",
                                          help="a version number (0: the base) or live (default: the live "
@@ -369,7 +385,7 @@ def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis
 
 _SWITCHES = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
 _VALUED = {"--version", "--questions", "--id", "--passage", "--question", "--answer", "--persona", "--task",
-           "--rows", "--format", "--out"}                         # flags followed by their value
+           "--rows", "--format", "--out", "--quant"}                         # flags followed by their value
 
 
 def _flags_last(argv: list[str]) -> list[str]:

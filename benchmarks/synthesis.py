@@ -83,8 +83,9 @@ def seeds_part(args, t0: float) -> dict:
     from backpack.run.synthesize import synthesize
     from backpack.run.train import train
 
-    root = Path(tempfile.mkdtemp(prefix="backpack-syn-"))
-    atexit.register(shutil.rmtree, root, True)
+    root = Path(args.keep or tempfile.mkdtemp(prefix="backpack-syn-"))
+    if not args.keep:
+        atexit.register(shutil.rmtree, root, True)
     records = [json.loads(line) for line in (REPO / "examples" / "prompts.jsonl").read_text().splitlines() if line]
     seeds = write_jsonl(root / "seeds.jsonl", records[:20])
     heldout = write_jsonl(root / "heldout.jsonl", records[20:20 + args.heldout])
@@ -134,13 +135,15 @@ def pack_part(args, t0: float) -> dict:
     from backpack.eval.facts import load_questions, score
     from backpack.eval.judge import parse_rubric, rubric_messages
     from backpack.eval.knowledge import evaluate_facts
+    from backpack.run.generate import generate
     from backpack.run.synthesize import synthesize
     from backpack.run.train import train
     from backpack.teachers.hf import HFTeacher
 
     os.chdir(REPO)  # the shipped config's paths are relative to the repository
-    root = tempfile.mkdtemp(prefix="backpack-synpack-")
-    atexit.register(shutil.rmtree, root, True)
+    root = args.keep or tempfile.mkdtemp(prefix="backpack-synpack-")
+    if not args.keep:
+        atexit.register(shutil.rmtree, root, True)
     questions = "examples/mental/questions-48.jsonl"
     extra = [f"training.max_steps={args.fact_steps}"] if args.fact_steps else []
     cfg = load_config("examples/mental.yaml", [
@@ -151,6 +154,7 @@ def pack_part(args, t0: float) -> dict:
     for line in result.lines(args.pack_target):
         print("  " + line, flush=True)
     t1 = time.perf_counter()
+    generate(cfg, reporter(t0, "pack answers: "))  # the teacher answers with the pack's passages recalled
     train(cfg, reporter(t0, "pack train: "))
     facts = evaluate_facts(cfg, questions, None, reporter(t0, "pack eval: "))
     acc = {s["key"]: s["accuracy"] for s in facts["settings"]}
@@ -186,6 +190,8 @@ def main() -> int:
     ap.add_argument("--judge-prompts", type=int, default=280, help="seeds: held-out prompts the judge reads")
     ap.add_argument("--pack-target", type=int, default=192, help="pack: questions to synthesize (192 hand-written)")
     ap.add_argument("--fact-steps", type=int, default=0, help="pack: optimizer steps (0: the shipped config's)")
+    ap.add_argument("--keep", default=None, metavar="DIR", help=(
+        "keep the runs in DIR (a rerun with the same DIR reuses the stored replies, answers and checkpoints)"))
     args = ap.parse_args()
     t0 = time.perf_counter()
     s = seeds_part(args, t0) if args.part in ("both", "seeds") else None
