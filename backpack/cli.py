@@ -21,6 +21,7 @@ Beside a run, live or not (they reach its Redis; they take [key=value ...] overr
     backpack serve CONFIG [--version N|live]     the student versions over OpenAI-compatible HTTP (Ctrl-C stops)
     backpack export CONFIG --format hf|gguf --out PATH [--version N] [--quant Q]
                                                  a version as a model directory or a GGUF file, loaded back to check
+    backpack merge CONFIG [OTHER:]N [OTHER:]N ...  LoRA versions of different tasks merged into a new version
 
 The Mental Process (a run's task knowledge, see backpack/mental/commands.py):
     backpack mental import CONFIG FILE           import a knowledge pack (a new version per changed task)
@@ -281,6 +282,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from backpack.run.merge import merge
+
+    args.overrides = [a for a in args.sources if "=" in a]  # `sources` (nargs="+") took them too
+    print(merge(_side_config(args), [a for a in args.sources if "=" not in a], args.method, args.weights,
+                args.density, TerminalReporter()).line(args.config))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from backpack.run.serve import serve
 
@@ -348,10 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", choices=["hf", "gguf"], required=True)
     ex.add_argument("--quant", default=None, help="gguf: f32, f16, q8_0 (default), q4_0 or q4_1")
     ex.add_argument("--out", required=True, help="a new directory (hf), or a .gguf file or a directory (gguf)")
-    side_command("serve", "serve the run's student versions over OpenAI-compatible HTTP until Ctrl-C",
-                 cmd_serve).add_argument("--version", default=None, metavar="N|live",
-                                         help="a version number (0: the base) or live (default: the live "
-                                              "version when one is promoted, else the newest)")
+    mg = side_command("merge", "combine LoRA versions of different tasks into a new version (peft merges)",
+                      cmd_merge, ("sources", {"nargs": "+", "metavar": "[CONFIG:]N", "help": "versions to merge"}))
+    mg.add_argument("--method", default="cat", help="cat (default), svd, linear, ties, dare_linear or dare_ties")
+    mg.add_argument("--weights", default=None, help="comma-separated, one per source (default: equal)")
+    mg.add_argument("--density", type=float, default=None, help="ties and dare: share of weights kept (0.5)")
+    side_command("serve", "serve the run's student versions over OpenAI-compatible HTTP until Ctrl-C", cmd_serve) \
+        .add_argument("--version", default=None, metavar="N|live", help="a version number (0: the base) or live "
+                      "(default: the live version when one is promoted, else the newest)")
 
     from backpack.mental.commands import add_parser as add_mental
 
@@ -385,7 +399,7 @@ def _sigterm(signum, frame):  # make `kill` behave like Ctrl-C so cleanup (Redis
 
 _SWITCHES = {"--continual", "-q", "--quiet", "--json", "--failed"}  # flags that take no value
 _VALUED = {"--version", "--questions", "--id", "--passage", "--question", "--answer", "--persona", "--task",
-           "--rows", "--format", "--out", "--quant"}                         # flags followed by their value
+           "--rows", "--format", "--out", "--quant", "--method", "--weights", "--density"}  # followed by a value
 
 
 def _flags_last(argv: list[str]) -> list[str]:

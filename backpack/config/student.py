@@ -18,6 +18,10 @@ class StudentConfig(Section):
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling (alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA path")
+    adapter: Literal["lora", "dora", "rslora", "pissa"] = Field("lora", description=(
+        "the LoRA variant peft builds: lora; dora (weight-decomposed: a learned magnitude per output); rslora "
+        "(rank-stabilised scaling alpha / sqrt(r)); pissa (initialised from the base's principal singular "
+        "vectors, the residual left in the frozen base)"))
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                       min_length=1, description="linear modules that get adapters, by name")
     layers: Optional[Literal["every_other"] | list[int]] = Field(None, description=(
@@ -28,6 +32,12 @@ class StudentConfig(Section):
     def _subset_trains_in_full(self):
         if self.layers is not None and self.mode == "lora":
             raise ValueError("a student with a subset of its base's layers is trained in full: set mode: full")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self):
+        if self.adapter != "lora" and self.mode != "lora":
+            raise ValueError(f"student.adapter {self.adapter!r} is a LoRA variant: it needs mode: lora")
         return self
 
 

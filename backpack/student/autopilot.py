@@ -100,8 +100,11 @@ def load_student(cfg: StudentConfig, device: str = "cpu") -> Autopilot:
         from peft import LoraConfig, get_peft_model
 
         check_target_modules(model, cfg.target_modules)
+        # pissa's full SVD is deterministic, so a version reloads onto the same residual base it was trained on
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                          use_dora=cfg.adapter == "dora", use_rslora=cfg.adapter == "rslora",
+                          init_lora_weights="pissa" if cfg.adapter == "pissa" else True)
         model = get_peft_model(model, lora)  # freezes the base, adds trainable adapters
     else:
         for p in model.parameters():

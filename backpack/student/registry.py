@@ -63,7 +63,7 @@ class Registry(RunRedis):
                 "metrics": {k: v for k, v in state.items() if isinstance(v, (int, float))},
                 "student": state.get("student"), "base_fingerprint": base_fingerprint,
                 "tokenizer_fingerprint": tokenizer_fingerprint, "path": self.files.uri(target),
-                "created_at": time.time()}
+                "created_at": time.time(), **({"lineage": state["lineage"]} if state.get("lineage") else {})}
         self.files.write_text(f"{target}/version.json", json.dumps(meta, indent=1))
         self.client.hset(self.keys("students", f"v{version}"), mapping={"meta": json.dumps(meta)})
         self.client.xadd(self.keys("events"), {"type": "student_version", "version": version,
