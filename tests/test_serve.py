@@ -238,3 +238,24 @@ def test_backpack_serve_on_a_finished_run_as_a_user_runs_it(tiny_model_dir, tmp_
         output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130 and "Traceback" not in output
     assert f"serving version 0 (the untrained base: the run has no version yet) of run 'served' at {url}/v1" in output
+
+
+def test_several_adapters_share_one_base_and_answer_as_their_merged_versions(student, redis_server, tmp_path):
+    reg = Registry(redis_server.url, "run", tmp_path / "run")
+    assert [publish(reg, student, tmp_path / f"ck{i}", shift=s) for i, s in ((1, 0.5), (2, 0.02))] == [1, 2]
+
+    async def answers(**serve):
+        async with served(student, reg, version=1, max_versions=4, **serve) as (server, url):
+            api = client(url)
+            out = {}
+            for model in ("run:v2", "run", "run:v2", "run:v0"):  # back and forth between the adapters
+                r = await api.chat.completions.create(model=model, messages=MESSAGES, temperature=0)
+                out.setdefault(model, []).append(r.choices[0].message.content)
+            return out, server._versions._bases
+
+    merged, no_bases = asyncio.run(answers())
+    shared, bases = asyncio.run(answers(merge=False))
+    assert not no_bases and len(bases) == 1  # one base in memory holding both versions as adapters
+    (host,) = bases.values()
+    assert {"v1", "v2"} <= set(host.model.peft_config)
+    assert shared == merged and merged["run:v2"][0] == merged["run:v2"][1] != merged["run"][0]

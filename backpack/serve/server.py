@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -43,17 +42,11 @@ from backpack.mental.recall import prompt_text
 from backpack.serve.generation import generate, generate_until, reachable_host, usage
 from backpack.serve.metrics import CONTENT_TYPE, ServeMetrics
 from backpack.serve.requests import MAX_BODY, Asked, BadRequest, error, parse_chat, parse_completion
-from backpack.student.registry import Registry, load_version
-from backpack.teachers.hf import HFTeacher
+from backpack.serve.versions import Served, VersionLoader
+from backpack.student.registry import Registry
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often the registry stream is read: promotions are rare, a Redis round trip is cheap
-
-
-@dataclass(frozen=True)
-class _Served:
-    version: int
-    gen: HFTeacher  # the version's model and tokenizer, with its stop tokens and context length
 
 
 class StudentServer:
@@ -72,8 +65,9 @@ class StudentServer:
         self.stats = {"requests": 0, "failed": 0, "rejected": 0, "swaps": 0, "failed_swaps": 0, "cancelled": 0,
                       "timed_out": 0, "queue_full": 0, "unauthorized": 0}
         self.metrics = ServeMetrics()
-        self._served: Optional[_Served] = None
-        self._others: OrderedDict[int, _Served] = OrderedDict()  # versions asked for by name, most recent last
+        self._served: Optional[Served] = None
+        self._others: OrderedDict[int, Served] = OrderedDict()  # versions asked for by name, most recent last
+        self._versions = VersionLoader(student_cfg, serve_cfg, registry, model_name)
         self._swap_error: Optional[str] = None
         self._runner: Optional[web.AppRunner] = None
         self._follower: Optional[asyncio.Task] = None
@@ -168,15 +162,10 @@ class StudentServer:
                      time.perf_counter() - t0)
             return True
 
-    def _load(self, version: int) -> _Served:
-        if version != 0 and self.registry is None:
-            raise ValueError(f"cannot serve student version {version}: the server has no registry")
-        meta = self.registry.get(version) if version else None
-        ap = load_version(meta, self.student_cfg, merge=self.serve_cfg.merge)
-        name = f"{self.model_name}-v{version}"
-        return _Served(version, HFTeacher.from_model(name, ap.model, ap.tokenizer, fingerprint=name))
+    def _load(self, version: int) -> Served:
+        return self._versions.load(version)
 
-    async def _pick(self, model: Optional[str]) -> _Served:
+    async def _pick(self, model: Optional[str]) -> Served:
         """The version a request's `model` names: `<name>:v<N>` or `<name>:live`; anything else (a client's own
         label) is the default version."""
         base, _, tag = (model or "").rpartition(":")
@@ -202,7 +191,9 @@ class StudentServer:
                     raise BadRequest("model", f"model {model!r}: {e.args[0] if e.args else e}", 404,
                                      "model_not_found") from None
                 while len(self._others) >= self.serve_cfg.max_versions:  # the default one is kept besides
-                    self._others.popitem(last=False)
+                    _, gone = self._others.popitem(last=False)
+                    if gone.adapter is not None and gone.adapter != self._served.adapter:
+                        gone.gen.model.delete_adapter(gone.adapter)
         return self._others.get(version) or self._served
 
     def _live(self) -> int:
@@ -319,6 +310,7 @@ class StudentServer:
             return error(503, f"no generation slot within the request's deadline of {self.serve_cfg.request_timeout_s}"
                               " s: retry later", None, "server_error", {"Retry-After": "1"})
         try:
+            served.activate()
             tok = served.gen.tokenizer
             try:
                 ids = encode_chat(tok, messages) if messages is not None else tok(asked.prompt).input_ids
@@ -359,7 +351,7 @@ class StudentServer:
         return web.json_response({**head, "object": "chat.completion" if chat else "text_completion",
                                   "choices": [{**choice, "finish_reason": finish}], "usage": usage(ids, tokens)})
 
-    async def _stream(self, request, served: _Served, ids, asked: Asked, head, t0: float,
+    async def _stream(self, request, served: Served, ids, asked: Asked, head, t0: float,
                       deadline: float) -> web.StreamResponse:
         from transformers import AsyncTextIteratorStreamer
 

@@ -81,6 +81,17 @@ def check_target_modules(model, targets: list[str]) -> None:
                          f"{', '.join(sorted(linear))})")
 
 
+def lora_config(cfg: StudentConfig):
+    """peft's LoraConfig of the student's adapter variant."""
+    from peft import LoraConfig
+
+    # pissa's full SVD is deterministic, so a version reloads onto the same residual base it was trained on
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+                      use_dora=cfg.adapter == "dora", use_rslora=cfg.adapter == "rslora",
+                      init_lora_weights="pissa" if cfg.adapter == "pissa" else True)
+
+
 def load_student(cfg: StudentConfig, device: str = "cpu") -> Autopilot:
     """Load the student's base and make it trainable as the config says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,15 +108,10 @@ def load_student(cfg: StudentConfig, device: str = "cpu") -> Autopilot:
     if cfg.layers is not None:
         keep_layers(model, keep)
     if cfg.mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         check_target_modules(model, cfg.target_modules)
-        # pissa's full SVD is deterministic, so a version reloads onto the same residual base it was trained on
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
-                          use_dora=cfg.adapter == "dora", use_rslora=cfg.adapter == "rslora",
-                          init_lora_weights="pissa" if cfg.adapter == "pissa" else True)
-        model = get_peft_model(model, lora)  # freezes the base, adds trainable adapters
+        model = get_peft_model(model, lora_config(cfg))  # freezes the base, adds trainable adapters
     else:
         for p in model.parameters():
             p.requires_grad_(True)
