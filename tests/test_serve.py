@@ -119,7 +119,7 @@ def test_the_api_key_is_required_off_loopback_and_checked(student, monkeypatch):
 
 def test_a_full_queue_is_429_a_queued_request_past_its_deadline_503_and_a_client_that_left_is_dropped(student):
     async def main():
-        async with served(student, max_queue=1, request_timeout_s=1.0) as (server, url):
+        async with served(student, max_queue=1, request_timeout_s=1.0, max_batch=1) as (server, url):
             await server._gen_lock.acquire()  # a generation holds the model: requests queue behind it
             api = client(url)
             waiting = asyncio.ensure_future(api.chat.completions.create(model="run", messages=MESSAGES))
@@ -259,3 +259,26 @@ def test_several_adapters_share_one_base_and_answer_as_their_merged_versions(stu
     (host,) = bases.values()
     assert {"v1", "v2"} <= set(host.model.peft_config)
     assert shared == merged and merged["run:v2"][0] == merged["run:v2"][1] != merged["run"][0]
+
+
+def test_concurrent_requests_are_decoded_together_and_answer_as_alone(student):
+    prompts = ["Tell me about Mars.", "Hi", "Write a long poem about the sea, the wind and the stars.", "2+2?",
+               "Name three colours.", "What is a cat?"]
+
+    async def answers(**serve):
+        async with served(student, **serve) as (server, url):
+            api = client(url)
+
+            async def ask(i, p):
+                if i % 2:
+                    return (await api.completions.create(model="run", prompt=p, max_tokens=8, temperature=0)) \
+                        .choices[0].text
+                r = await api.chat.completions.create(model="run", messages=[{"role": "user", "content": p}],
+                                                      temperature=0, seed=i)
+                return r.choices[0].message.content
+            got = await asyncio.gather(*(ask(i, p) for i, p in enumerate(prompts)))
+            return got, getattr(server._served.gen, "batch_engine", None)
+
+    alone, none = asyncio.run(answers(max_batch=1))
+    together, engine = asyncio.run(answers(max_batch=16))
+    assert none is None and engine.widest > 1 and together == alone

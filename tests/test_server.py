@@ -111,9 +111,10 @@ def test_completion_models_and_health(student):
     asyncio.run(main())
 
 
-def test_streaming_matches_the_plain_answer(student):
+@pytest.mark.parametrize("max_batch", [1, 16])  # alone behind the lock, and through the batch engine
+def test_streaming_matches_the_plain_answer(student, max_batch):
     async def main():
-        async with serving(student) as (server, http):
+        async with serving(student, max_batch=max_batch) as (server, http):
             for decoding in ({"temperature": 0}, {"temperature": 0.9, "top_p": 0.95, "seed": 7}):
                 status, plain = await chat(http, **decoding)
                 assert status == 200

@@ -36,6 +36,9 @@ class ServeConfig(Section):
     api_key_env: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description=(
         "name of an environment variable holding the API key clients send as 'Authorization: Bearer <key>' "
         "(required unless host is loopback; the key itself never goes in a config)"))
+    max_batch: int = Field(16, ge=1, le=1024, description=(
+        "requests decoded together: one joins the running batch at the next step and leaves it when it ends "
+        "(1: one request at a time)"))
     max_queue: int = Field(32, ge=1, le=100_000, description=(
         "requests waiting or generating at once; more are answered 429 with Retry-After"))
     request_timeout_s: float = Field(120.0, gt=0, le=86_400, description=(

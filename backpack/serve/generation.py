@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Optional
 
 import torch
 
@@ -42,13 +43,35 @@ def generate(gen: HFTeacher, ids: list[int], p: DecodingParams, streamer=None, c
     return (tokens, LENGTH) if stop is None else (tokens[:stop], STOP)
 
 
-async def generate_until(request, gen, ids: list[int], decoding: DecodingParams, deadline: float):
-    """Generate in a worker thread, stopping it when the deadline passes or the client goes away; returns
-    (tokens, finish reason, None | "timed_out" | "gone")."""
+class _TokenStreamer:
+    """transformers' streamer protocol (put the prompt, then each new token; end): new token ids to a queue."""
+
+    def __init__(self, loop, out: asyncio.Queue):
+        self.loop, self.out, self.prompt_seen = loop, out, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.flatten().tolist():
+            self.loop.call_soon_threadsafe(self.out.put_nowait, int(t))
+
+    def end(self) -> None:
+        pass
+
+
+async def generate_until(request, gen, ids: list[int], decoding: DecodingParams, deadline: float,
+                         tokens_out: Optional[asyncio.Queue] = None):
+    """Generate in a worker thread, one request at a time, stopping it when the deadline passes or the client
+    goes away; with `tokens_out`, each new token id is put there as it comes (None at the end). Returns (tokens,
+    finish reason, None | "timed_out" | "gone")."""
     if _gone(request):  # it waited in the queue and its client left meanwhile: nothing to generate
+        if tokens_out is not None:
+            tokens_out.put_nowait(None)
         return [], STOP, "gone"
     cancel = threading.Event()
-    job = asyncio.ensure_future(asyncio.to_thread(generate, gen, ids, decoding, None, cancel))
+    streamer = _TokenStreamer(asyncio.get_running_loop(), tokens_out) if tokens_out is not None else None
+    job = asyncio.ensure_future(asyncio.to_thread(generate, gen, ids, decoding, streamer, cancel))
     ended = None
     while not job.done():
         await asyncio.wait([job], timeout=0.2)
@@ -60,6 +83,8 @@ async def generate_until(request, gen, ids: list[int], decoding: DecodingParams,
             ended = "gone"
         if ended:
             cancel.set()
+    if tokens_out is not None:
+        tokens_out.put_nowait(None)
     tokens, finish = job.result()
     return tokens, finish, ended
 
@@ -82,3 +107,38 @@ def reachable_host(host: str) -> str:
         return ray.util.get_node_ip_address()
     except Exception:
         return "127.0.0.1"
+
+
+async def run_job(request, engine, job, deadline: float, tokens_out: Optional[asyncio.Queue] = None):
+    """Submit `job` to the batch engine and wait for it, cancelling it when the deadline passes or the client
+    goes away; with `tokens_out`, each new token id is put there as it comes (None at the end). Returns None |
+    "timed_out" | "gone"; raises the job's error."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    job.on_done = lambda: loop.call_soon_threadsafe(_resolve, finished)
+    if tokens_out is not None:
+        job.on_token = lambda t: loop.call_soon_threadsafe(tokens_out.put_nowait, t)
+    if _gone(request):
+        return "gone"
+    engine.submit(job)
+    ended = None
+    while not finished.done():
+        await asyncio.wait([finished], timeout=0.2)
+        if finished.done() or ended:
+            continue
+        if time.perf_counter() > deadline:
+            ended = "timed_out"
+        elif _gone(request):
+            ended = "gone"
+        if ended:
+            job.cancel.set()
+    if tokens_out is not None:
+        tokens_out.put_nowait(None)
+    if job.error is not None:
+        raise job.error
+    return ended
+
+
+def _resolve(fut) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -8,8 +8,10 @@ generation began and finishes on it, so a swap never fails or drops one. Pinned 
 --version N`) it serves that one and follows nothing. A request's `model` picks a version: `<name>` (the default),
 `<name>:live`, `<name>:v<N>` (loaded on first use; the `serve.max_versions` most recent kept).
 
-Generation runs in a worker thread, one request at a time (a CPU model has no spare cores for a second one),
-so the event loop keeps accepting requests, health checks and swaps meanwhile. Safe by default: with
+Generation runs off the event loop, so it keeps accepting requests, health checks and swaps meanwhile:
+concurrent requests are decoded together by the model's batch engine (backpack/serve/batching.py: a request
+joins the running batch and leaves it as it ends), or one at a time behind a lock where the model family is not
+batched or serve.max_batch is 1. Safe by default: with
 `serve.api_key_env` every endpoint but /health needs `Authorization: Bearer <key>` (a bind other than loopback
 needs it); at most `serve.max_queue` requests wait or generate (more get 429 with Retry-After); a request not
 done within `serve.request_timeout_s` is stopped (504), and one whose client went away stops generating. A
@@ -26,7 +28,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -39,7 +40,8 @@ from backpack.config import ServeConfig, StudentConfig
 from backpack.core.chat import encode_chat, with_context
 from backpack.errors import InputError
 from backpack.mental.recall import prompt_text
-from backpack.serve.generation import generate, generate_until, reachable_host, usage
+from backpack.serve.batching import Job, engine_for
+from backpack.serve.generation import generate_until, reachable_host, run_job, usage
 from backpack.serve.metrics import CONTENT_TYPE, ServeMetrics
 from backpack.serve.requests import MAX_BODY, Asked, BadRequest, error, parse_chat, parse_completion
 from backpack.serve.versions import Served, VersionLoader
@@ -303,39 +305,50 @@ class StudentServer:
                 recalled = {"ids": got[0].ids, "knowledge_version": got[1]}
                 messages = with_context(messages, got[0].context)
         deadline = t0 + self.serve_cfg.request_timeout_s
-        try:
-            await asyncio.wait_for(self._gen_lock.acquire(), max(0.0, deadline - time.perf_counter()))
-        except asyncio.TimeoutError:
-            self.stats["timed_out"] += 1
-            return error(503, f"no generation slot within the request's deadline of {self.serve_cfg.request_timeout_s}"
-                              " s: retry later", None, "server_error", {"Retry-After": "1"})
-        try:
-            served.activate()
-            tok = served.gen.tokenizer
+        tok, chat = served.gen.tokenizer, messages is not None
+        try:  # off the event loop: a long prompt takes a while to encode
+            ids = await asyncio.to_thread(lambda: encode_chat(tok, messages) if chat else tok(asked.prompt).input_ids)
+        except Exception as e:  # the chat template refused the conversation (a role it does not know)
+            self.stats["rejected"] += 1
+            return error(400, f"the chat template rejected 'messages': {e}", "messages")
+        decoding, field = asked.decoding, "messages" if chat else "prompt"
+        if len(ids) + decoding.max_new_tokens > served.gen.context:
+            self.stats["rejected"] += 1
+            return error(400, f"'{field}' is {len(ids)} tokens; with max_tokens {decoding.max_new_tokens} "
+                              f"that exceeds the model context of {served.gen.context} tokens", field)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": asked.model or self.model_name,
+                "backpack": {"version": served.version, **({"recalled": recalled} if recalled else {})}}
+        engine = engine_for(served.gen, self.serve_cfg.max_batch)
+        if engine is None:  # one request at a time: wait for the model
             try:
-                ids = encode_chat(tok, messages) if messages is not None else tok(asked.prompt).input_ids
-            except Exception as e:  # the chat template refused the conversation (a role it does not know)
-                self.stats["rejected"] += 1
-                return error(400, f"the chat template rejected 'messages': {e}", "messages")
-            decoding, field = asked.decoding, "messages" if messages is not None else "prompt"
-            if len(ids) + decoding.max_new_tokens > served.gen.context:
-                self.stats["rejected"] += 1
-                return error(400, f"'{field}' is {len(ids)} tokens; with max_tokens {decoding.max_new_tokens} "
-                                  f"that exceeds the model context of {served.gen.context} tokens", field)
-            chat = messages is not None
-            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                    "model": asked.model or self.model_name,
-                    "backpack": {"version": served.version, **({"recalled": recalled} if recalled else {})}}
+                await asyncio.wait_for(self._gen_lock.acquire(), max(0.0, deadline - time.perf_counter()))
+            except asyncio.TimeoutError:
+                self.stats["timed_out"] += 1
+                return error(503, "no generation slot within the request's deadline of "
+                                  f"{self.serve_cfg.request_timeout_s} s: retry later", None, "server_error",
+                             {"Retry-After": "1"})
+        try:
+            if engine is None:
+                served.activate()
+            job = Job(ids, decoding, adapter=served.adapter)
+
+            def produce(tokens_out=None):  # the generation, batched or alone; returns when it has finished
+                if engine is not None:
+                    return run_job(request, engine, job, deadline, tokens_out)
+                return self._alone(request, served, job, deadline, tokens_out)
             if asked.stream:
-                return await self._stream(request, served, ids, asked, head, t0, deadline)
+                return await self._stream(request, tok, produce, job, asked, head, t0)
             try:
-                tokens, finish, ended = await generate_until(request, served.gen, ids, decoding, deadline)
+                ended = await produce()
             except Exception as e:
                 self.stats["failed"] += 1
                 log.exception("StudentServer: generation failed")
                 return error(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
         finally:
-            self._gen_lock.release()
+            if engine is None:
+                self._gen_lock.release()
+        tokens, finish = job.tokens, job.finish
         self.metrics.generated(len(tokens), time.perf_counter() - t0)
         if ended == "timed_out":
             self.stats["timed_out"] += 1
@@ -351,15 +364,16 @@ class StudentServer:
         return web.json_response({**head, "object": "chat.completion" if chat else "text_completion",
                                   "choices": [{**choice, "finish_reason": finish}], "usage": usage(ids, tokens)})
 
-    async def _stream(self, request, served: Served, ids, asked: Asked, head, t0: float,
-                      deadline: float) -> web.StreamResponse:
-        from transformers import AsyncTextIteratorStreamer
+    async def _alone(self, request, served: Served, job: Job, deadline: float, tokens_out=None):
+        job.tokens, job.finish, ended = await generate_until(request, served.gen, job.ids, job.decoding, deadline,
+                                                             tokens_out)
+        return ended
 
-        streamer = AsyncTextIteratorStreamer(served.gen.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = threading.Event()
-        job = asyncio.ensure_future(asyncio.to_thread(generate, served.gen, ids, asked.decoding, streamer, cancel))
-        # A generation that raises never ends its streamer: end it here so the reading loop below stops.
-        job.add_done_callback(lambda _: streamer.end())
+    async def _stream(self, request, tok, produce, job: Job, asked: Asked, head, t0: float) -> web.StreamResponse:
+        """Server-Sent Events of the new text as tokens come (a token that ends inside a character waits for
+        the next), then the finish reason, the usage when asked, and [DONE]."""
+        tokens_out: asyncio.Queue = asyncio.Queue()
+        runner = asyncio.ensure_future(produce(tokens_out))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         chat = asked.messages is not None
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -373,32 +387,33 @@ class StudentServer:
                 return {**head, "object": kind, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return {**head, "object": kind, "choices": [{"index": 0, "text": text or "", "logprobs": None,
                                                          "finish_reason": finish}]}
-        first = True
+        seen, sent = [], ""
         try:
             await resp.prepare(request)
             if chat:
                 await send(chunk(None, role=True))
-            async for text in streamer:
-                if text:
-                    if first:
-                        self.metrics.first_token.observe(time.perf_counter() - t0)
-                        first = False
-                    await send(chunk(text))
-                if time.perf_counter() > deadline and not cancel.is_set():
-                    cancel.set()
-                    self.stats["timed_out"] += 1
-            tokens, finish = await job
-            if cancel.is_set():  # the deadline passed: say so in the stream (its status line has gone)
+            while (token := await tokens_out.get()) is not None:
+                seen.append(token)
+                text = tok.decode(seen, skip_special_tokens=True)
+                if text.endswith("\ufffd") or len(text) <= len(sent):
+                    continue
+                if not sent:
+                    self.metrics.first_token.observe(time.perf_counter() - t0)
+                await send(chunk(text[len(sent):]))
+                sent = text
+            ended = await runner
+            if ended == "timed_out":  # the status line has gone: say so in the stream
+                self.stats["timed_out"] += 1
                 await send({"error": {"message": f"the request's deadline of {self.serve_cfg.request_timeout_s} s "
                                                  "passed while it was generating", "type": "timeout",
                                       "param": None, "code": None}})
             else:
-                await send(chunk(None, finish))
+                await send(chunk(None, job.finish))
                 self.stats["requests"] += 1
             if asked.include_usage:
-                await send({**head, "object": kind, "choices": [], "usage": usage(ids, tokens)})
+                await send({**head, "object": kind, "choices": [], "usage": usage(job.ids, job.tokens)})
             await resp.write(b"data: [DONE]\n\n")
-            self.metrics.generated(len(tokens), time.perf_counter() - t0)
+            self.metrics.generated(len(job.tokens), time.perf_counter() - t0)
         except ConnectionError:  # the client went away: nobody to tell
             self.stats["cancelled"] += 1
         except Exception as e:
@@ -408,6 +423,7 @@ class StudentServer:
                 await send({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
                                       "type": "server_error", "param": None, "code": None}})
         finally:
-            cancel.set()
-            await asyncio.wait([job])  # the model is free again before the next request takes the lock
+            job.cancel.set()
+            with contextlib.suppress(Exception):
+                await runner  # the model is free again before this request lets go of it
         return resp
