@@ -72,10 +72,20 @@ async def generate_until(request, gen, ids: list[int], decoding: DecodingParams,
     cancel = threading.Event()
     streamer = _TokenStreamer(asyncio.get_running_loop(), tokens_out) if tokens_out is not None else None
     job = asyncio.ensure_future(asyncio.to_thread(generate, gen, ids, decoding, streamer, cancel))
+    ended = await _watch(request, job, deadline, cancel)
+    if tokens_out is not None:
+        tokens_out.put_nowait(None)
+    tokens, finish = job.result()
+    return tokens, finish, ended
+
+
+async def _watch(request, running: asyncio.Future, deadline: float, cancel: threading.Event) -> Optional[str]:
+    """Wait for `running`, setting `cancel` once the deadline passes ("timed_out") or the client goes away
+    ("gone"); returns which, or None."""
     ended = None
-    while not job.done():
-        await asyncio.wait([job], timeout=0.2)
-        if job.done() or ended:
+    while not running.done():
+        await asyncio.wait([running], timeout=0.2)
+        if running.done() or ended:
             continue
         if time.perf_counter() > deadline:
             ended = "timed_out"
@@ -83,10 +93,7 @@ async def generate_until(request, gen, ids: list[int], decoding: DecodingParams,
             ended = "gone"
         if ended:
             cancel.set()
-    if tokens_out is not None:
-        tokens_out.put_nowait(None)
-    tokens, finish = job.result()
-    return tokens, finish, ended
+    return ended
 
 
 def _gone(request) -> bool:
@@ -118,20 +125,11 @@ async def run_job(request, engine, job, deadline: float, tokens_out: Optional[as
     job.on_done = lambda: loop.call_soon_threadsafe(_resolve, finished)
     if tokens_out is not None:
         job.on_token = lambda t: loop.call_soon_threadsafe(tokens_out.put_nowait, t)
-    if _gone(request):
-        return "gone"
-    engine.submit(job)
-    ended = None
-    while not finished.done():
-        await asyncio.wait([finished], timeout=0.2)
-        if finished.done() or ended:
-            continue
-        if time.perf_counter() > deadline:
-            ended = "timed_out"
-        elif _gone(request):
-            ended = "gone"
-        if ended:
-            job.cancel.set()
+    if _gone(request):  # it waited and its client left meanwhile: nothing to generate
+        ended = "gone"
+    else:
+        engine.submit(job)
+        ended = await _watch(request, finished, deadline, job.cancel)
     if tokens_out is not None:
         tokens_out.put_nowait(None)
     if job.error is not None:
