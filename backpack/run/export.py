@@ -47,13 +47,14 @@ class ExportResult:
     bytes: int
     load_seconds: float
     check: str
+    layers: int = 0
     files: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         size = f"{self.bytes / 2**20:.1f} MiB"
         return [f"exported version {self.version} as {self.format}" + (f" ({self.quant})" if self.quant else "")
                 + f" to {self.path}: {size}", f"round trip in a fresh process (transformers only): {self.check}; "
-                f"loaded in {self.load_seconds:.1f} s"]
+                f"loaded in {self.load_seconds:.1f} s as a {self.layers}-layer model"]
 
 
 def _version(cfg: RunConfig, asked: Optional[int]) -> tuple[int, Optional[dict], dict]:
@@ -149,7 +150,7 @@ def export(cfg: RunConfig, version: Optional[int], fmt: str, out: str, quant: Op
             target, files, size = final, [final.name], final.stat().st_size
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return ExportResult(str(target), number, fmt, quant, size, back["load_seconds"], check, files)
+    return ExportResult(str(target), number, fmt, quant, size, back["load_seconds"], check, back["layers"], files)
 
 
 def _nll(model, prompts: list[list[int]], refs: list[list[int]]) -> float:
