@@ -170,7 +170,10 @@ class _Batch:
                 continue
             job.tokens.append(token)
             if job.on_token is not None:
-                job.on_token(token)
+                try:
+                    job.on_token(token)
+                except Exception:  # its reader is gone (a closed loop, say): that row stops, not the batch
+                    job.cancel.set()
             if len(job.tokens) >= job.decoding.max_new_tokens:
                 _finish(job, LENGTH)
         self.last = torch.tensor(picked)[:, None]
