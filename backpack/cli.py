@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         .add_argument("--version", default=None, metavar="N|live", help="a version number (0: the base) or live "
                       "(default: the live version when one is promoted, else the newest)")
 
-    from backpack.mental.commands import add_parser as add_mental
+    from backpack.mental.cli import add_parser as add_mental
 
     add_mental(sub)
 
