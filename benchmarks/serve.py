@@ -67,7 +67,8 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
             latencies.append(time.perf_counter() - t0)
             firsts.append(first if first is not None else latencies[-1])
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(clients)))
+    async with api:  # closed on this loop, before asyncio.run closes it
+        await asyncio.gather(*(client(c) for c in range(clients)))
     wall = time.perf_counter() - t0
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"clients": clients, "tok_s": tokens / wall, "p50": statistics.median(latencies), "p95": q[18],

@@ -193,7 +193,7 @@ def _judge(fmt: str, quant: Optional[str], back: dict, prompts, refs, ref_nll: f
     delta = back["nll"] - ref_nll
     if delta > TOLERANCE[quant]:
         raise ExportError(f"the {quant} file scores NLL {back['nll']:.4f} on the probes against the version's "
-                          f"{ref_nll:.4f}: +{delta:.4f} is over the tolerance of {TOLERANCE[quant]}")
+                          f"{ref_nll:.4f}: {delta:+.4f} is over the tolerance of {TOLERANCE[quant]}")
     same = sum(a == r for a, r in zip(back["answers"], refs))
-    return (f"NLL {back['nll']:.4f} against the version's {ref_nll:.4f} (+{delta:.4f}, tolerance "
+    return (f"NLL {back['nll']:.4f} against the version's {ref_nll:.4f} ({delta:+.4f}, tolerance "
             f"{TOLERANCE[quant]}); {same} of {len(refs)} greedy answers the same")
