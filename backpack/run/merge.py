@@ -88,7 +88,7 @@ def merge(cfg: RunConfig, specs: list[str], method: str = "cat", weights: Option
           density: Optional[float] = None, reporter: Optional[Reporter] = None) -> MergeResult:
     """Merge the SOURCE versions into a new version of CONFIG's run (see the module docstring). `weights`: one
     per source (or their `--weights` text); default equal."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from backpack.config import StudentConfig
     from backpack.data.storage import local_folder
@@ -121,12 +121,10 @@ def merge(cfg: RunConfig, specs: list[str], method: str = "cat", weights: Option
     for i, (label, meta) in enumerate(sources):
         name = f"source{i}"
         model.add_adapter(name, model.peft_config["default"])
-        weights_i = load_file(str(Path(local_folder(meta["path"])) / checkpoints.WEIGHTS))
-        state = {k.replace(".default.", f".{name}."): v for k, v in weights_i.items()}
-        missing = set(state) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise InputError(f"merge source {label}: weights the student lacks ({sorted(missing)[:3]})")
-        model.load_state_dict(state, strict=False)
+        try:
+            checkpoints.load_weights(local_folder(meta["path"]), model, adapter=name)
+        except ValueError as e:
+            raise InputError(f"merge source {label}: {e}") from None
         names.append(name)
     kw = {"density": density} if density is not None else {}
     model.add_weighted_adapter(names, weights, "merged", combination_type=method, **kw)

@@ -46,8 +46,6 @@ class VersionLoader:
     def _shared_adapter(self, meta: Optional[dict], version: int) -> Optional[Served]:
         """With serve.merge false, a LoRA version (lora, dora, rslora) is one more adapter of the model that holds
         its base: many task adapters, one base in memory, the request's adapter made active as it generates."""
-        from safetensors.torch import load_file
-
         from backpack.config import StudentConfig
         from backpack.data.storage import local_folder
         from backpack.student import checkpoints
@@ -65,8 +63,6 @@ class VersionLoader:
         name = f"v{version}"
         if name not in host.model.peft_config:
             host.model.add_adapter(name, lora_config(student))
-            weights = load_file(str(local_folder(meta["path"]) / checkpoints.WEIGHTS))
-            host.model.load_state_dict({k.replace(".default.", f".{name}."): v for k, v in weights.items()},
-                                       strict=False)
+            checkpoints.load_weights(local_folder(meta["path"]), host.model, adapter=name)
             host.model.eval()
         return Served(version, host, adapter=name)

@@ -45,9 +45,13 @@ def save(directory: str | os.PathLike, model, state: dict, optimizer=None, sched
     (d / STATE).write_text(json.dumps(state, indent=1))
 
 
-def load_weights(directory: str | os.PathLike, model) -> None:
-    """Load trainable weights into `model` (built from the same student config)."""
+def load_weights(directory: str | os.PathLike, model, adapter: Optional[str] = None) -> None:
+    """Load trainable weights into `model` (built from the same student config). With `adapter`, a LoRA
+    checkpoint's weights go into that adapter of a peft `model` (added beforehand) instead of its "default"
+    one: how one base holds several versions, to serve them or merge them."""
     weights = load_file(str(Path(directory) / WEIGHTS))
+    if adapter is not None:
+        weights = {k.replace(".default.", f".{adapter}."): v for k, v in weights.items()}
     missing = set(weights) - {n for n, _ in unwrap(model).named_parameters()}
     if missing:
         raise ValueError(f"checkpoint {directory} has weights the model lacks: {sorted(missing)[:5]}")
